@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Train the bundled `toyworld` CLIP: a tiny open_clip model on the synthetic toy world.
+
+    python scripts/train_toyworld.py                      # writes retriever/models/toyworld/
+    python scripts/train_toyworld.py --steps 50 --out /tmp/toy   # a quick smoke run
+
+Reproducible: the same seed and thread count give the same weights. Each batch holds every
+caption exactly once (a fresh image each), so the contrastive loss never sees a duplicate
+caption as a false negative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from retriever import toyworld
+
+MODEL_CFG = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 128, "layers": 3, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+}
+PREPROCESS_CFG = {"size": 64, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "retriever" / "models" / "toyworld"
+
+
+def write_config(out: Path, model_cfg: dict, extra: dict | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": PREPROCESS_CFG, **(extra or {})}
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def render_pool(scenes, preprocess, per_scene: int, seed: int) -> torch.Tensor:
+    """Pre-render `per_scene` variants of every scene: [per_scene, len(scenes), 3, H, W] in fp16."""
+    return torch.stack([
+        torch.stack([preprocess(toyworld.render(s, seed=seed * 1_000_000 + v * 1000 + i)) for i, s in enumerate(scenes)])
+        for v in range(per_scene)
+    ]).to(torch.float16)
+
+
+def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Like `model.encode_text` with the padding past the longest text cut off; exact for causal towers."""
+    length = int((tokens != 0).sum(dim=1).max())
+    tokens = tokens[:, :length]
+    x = model.token_embedding(tokens) + model.positional_embedding[:length]
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
+    return x @ model.text_projection
+
+
+@torch.inference_mode()
+def recall_at_1(model, tokenizer, preprocess, n: int = 512, seed: int = 10_000) -> float:
+    model.eval()
+    captions = toyworld.all_captions()
+    text = model.encode_text(tokenizer(captions), normalize=True)
+    pairs = list(toyworld.sample(n, seed=seed))
+    images = torch.stack([preprocess(img) for img, _ in pairs])
+    image_features = model.encode_image(images, normalize=True)
+    best = (image_features @ text.T).argmax(dim=1).tolist()
+    model.train()
+    return sum(captions[b] == cap for b, (_, cap) in zip(best, pairs)) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", type=int, default=64, help="pre-rendered images per caption")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+
+    import open_clip
+    from open_clip.loss import ClipLoss
+    from safetensors.torch import save_file
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    model = open_clip.CLIP(**MODEL_CFG)
+    preprocess = open_clip.image_transform(64, is_train=False, mean=PREPROCESS_CFG["mean"], std=PREPROCESS_CFG["std"])
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=MODEL_CFG["text_cfg"]["context_length"])
+    loss_fn = ClipLoss()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return 0.5 * args.lr * (1 + math.cos(math.pi * progress))
+
+    scenes = toyworld.all_scenes()
+    pool = render_pool(scenes, preprocess, args.variants, args.seed)
+    all_tokens = tokenizer([s.caption for s in scenes])
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    r1 = 0.0
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        order = torch.randperm(len(scenes), generator=generator).tolist()
+        variant = torch.randint(args.variants, (len(order),), generator=generator)
+        images = pool[variant, torch.tensor(order)].float()
+        image_features = model.encode_image(images, normalize=True)
+        text_features = torch.nn.functional.normalize(encode_text_trimmed(model, all_tokens[order]), dim=-1)
+        loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            r1 = recall_at_1(model, tokenizer, preprocess)
+            print(f"step {step + 1:5d}  loss {loss.item():.4f}  held-out R@1 {r1:.3f}  {time.perf_counter() - start:.0f}s", flush=True)
+
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    write_config(args.out, MODEL_CFG, {"training": {
+        "script": "scripts/train_toyworld.py", "steps": args.steps, "seed": args.seed, "lr": args.lr,
+        "threads": args.threads, "seconds": round(time.perf_counter() - start), "heldout_r_at_1": r1,
+    }})
+    save_file(state, str(args.out / "open_clip_model.safetensors"))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
