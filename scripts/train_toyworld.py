@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", type=int, default=64, help="pre-rendered images per caption")
+    parser.add_argument("--variants", type=int, default=256, help="pre-rendered images per caption")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
