@@ -1,0 +1,264 @@
+"""The `retriever` command line: a thin layer over the library.
+
+Results go to stdout (a table, or one JSON object per line with --json); progress, warnings and
+errors go to stderr. Library errors exit 1 with one line; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from retriever.errors import ImageError, RetrieverError
+
+app = typer.Typer(
+    help="Caption ideas for images: CLIP retrieval over your own text corpus.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+DEFAULT_INDEX_ROOT = Path("indexes")
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="toyworld (bundled, offline), an open_clip name like ViT-B-32, hf-hub:ORG/NAME or local-dir:PATH.")]
+PretrainedOpt = Annotated[Optional[str], typer.Option(help="Pretrained tag (e.g. laion2b_s34b_b79k) or a checkpoint file, for an open_clip name.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda, mps or cpu; default: the best available.")]
+PrecisionOpt = Annotated[str, typer.Option(help="fp32, or fp16/bf16 (for GPUs).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")]
+
+
+def _friendly_errors(command):
+    """Library errors become `error: ...` on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RetrieverError as e:
+            _stderr(f"error: {e}")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _emit_json(obj: dict) -> None:
+    print(json.dumps(obj, ensure_ascii=False, default=str), flush=True)
+
+
+@app.command("build-index")
+@_friendly_errors
+def build_index_cmd(
+    corpus: Annotated[Path, typer.Argument(help="Corpus file: .txt, .tsv, .csv, .parquet or .jsonl.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Index directory [default: indexes/CORPUS_NAME].")] = None,
+    model: ModelOpt = "ViT-B-32",
+    pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+    column: Annotated[Optional[str], typer.Option(help="Text column [default: first of caption, title, text, prompt].")] = None,
+    strict: Annotated[bool, typer.Option(help="Fail on the first bad row instead of skipping it.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 256,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing index at --out.")] = False,
+    index_type: Annotated[str, typer.Option(help="auto (exact for small corpora, tuned ANN for large), flat, hnsw, ivf or ivfpq.")] = "auto",
+    max_memory: Annotated[Optional[str], typer.Option(help="Memory the index may use, e.g. 4G; auto then picks an index that fits.")] = None,
+    recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="Recall@10 vs exact search that ANN indexes are tuned to.")] = 0.95,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Texts per shard: bounds memory; an interrupted build resumes from the last shard.")] = 65536,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = "fp32",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed every text of CORPUS with CLIP's text tower into a FAISS index.
+
+    Example: retriever build-index captions.tsv --model toyworld --out indexes/toy
+    """
+    from retriever.ann import parse_bytes
+    from retriever.build import build_index
+    from retriever.models import load_model
+
+    out = out or DEFAULT_INDEX_ROOT / corpus.stem
+    if out.exists() and not overwrite:
+        raise RetrieverError(f"{out} already exists (use --overwrite to replace it)")
+    loaded = load_model(model, pretrained, device=device, precision=precision)
+
+    bad_rows = 0
+
+    def warn_bad_row(bad) -> None:
+        nonlocal bad_rows
+        bad_rows += 1
+        if not quiet and bad_rows <= 10:
+            _stderr(f"warning: skipped {bad}")
+
+    result = build_index(corpus, out, loaded, column=column, strict=strict, batch_size=batch_size,
+                         overwrite=overwrite, show_progress_bar=False if quiet else None, on_bad_row=warn_bad_row,
+                         chunk_size=chunk_size, index_type=index_type, max_memory=parse_bytes(max_memory),
+                         recall_target=recall_target, use_gpu=False if device == "cpu" else None)
+    if bad_rows > 10 and not quiet:
+        _stderr(f"warning: ... and {bad_rows - 10} more bad rows")
+    summary = result.as_dict()
+    if as_json:
+        _emit_json(summary)
+    elif not quiet:
+        resumed = f", resumed after {result.resumed_shards} finished shards" if result.resumed_shards else ""
+        recall = f", recall@10 {summary['recall_at_10']:.3f} at {summary['search_params']}" if "recall_at_10" in summary else ""
+        _stderr(f"indexed {summary['kept']} texts ({summary['embedded']} embedded now{resumed}) in {summary['seconds']}s "
+                f"-> {summary['index']} [{summary['index_type']}{recall}]; skipped {summary['duplicates']} duplicates, "
+                f"{summary['empty']} empty, {summary['bad_rows']} bad rows")
+
+
+@app.command()
+@_friendly_errors
+def query(
+    images: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders or globs.", show_default=False)] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="Texts per query.")] = 10,
+    index: Annotated[Optional[Path], typer.Option("--index", "-i", help="Index directory [default: the only one under indexes/].")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", "-t", help="Query with this text instead of images.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Override the model recorded in the index (same weights, e.g. a moved checkpoint).")] = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = "fp32",
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the K texts of an index nearest to each image (or to --text).
+
+    Example: retriever query cat.jpg photos/ -k 5 --index indexes/coco --json
+    """
+    from retriever.api import Retriever
+    from retriever.images import expand_image_paths, load_image
+
+    if not images and text is None:
+        raise typer.BadParameter("give one or more images, or --text", param_hint="IMAGES")
+    if images and text is not None:
+        raise typer.BadParameter("give images or --text, not both", param_hint="--text")
+    retriever = Retriever.open(_find_index(index), model=model, pretrained=pretrained, device=device,
+                               precision=precision)
+    rows: list[tuple[str, int, float, str]] = []
+    failures = 0
+
+    def show(label_key: str, label: str, hits) -> None:
+        for rank, hit in enumerate(hits, start=1):
+            if as_json:
+                _emit_json({label_key: label, "rank": rank, **hit.to_dict()})
+            else:
+                rows.append((label, rank, hit.score, hit.text))
+
+    if text is not None:
+        show("query_text", text, retriever.query_text(text, k=k))
+    else:
+        paths = expand_image_paths(images or [])
+        for start in range(0, len(paths), 64):
+            loaded = []
+            for path in paths[start:start + 64]:
+                try:
+                    loaded.append((str(path), load_image(path)))
+                except ImageError as e:
+                    failures += 1
+                    _stderr(f"error: {e}")
+            if loaded:
+                for (label, _), hits in zip(loaded, retriever.query_many([im for _, im in loaded], k=k)):
+                    show("image", label, hits)
+    if rows:
+        _print_table(rows)
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly_errors
+def info(
+    index: Annotated[Path, typer.Argument(help="Index directory.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Print an index's manifest: model, counts, corpus and versions.
+
+    Example: retriever info indexes/coco
+    """
+    from retriever.index import read_manifest
+
+    manifest = read_manifest(index)
+    if as_json:
+        _emit_json(manifest)
+    else:
+        print(json.dumps(manifest, indent=2, ensure_ascii=False))
+
+
+@app.command()
+@_friendly_errors
+def models(as_json: JsonOpt = False) -> None:
+    """List the models: bundled ones, and open_clip's pretrained tags (and whether each is downloaded).
+
+    Example: retriever models --json
+    """
+    from retriever.models import list_models
+
+    rows = list_models()
+    if as_json:
+        for row in rows:
+            _emit_json(row)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("model", "pretrained", "source", "offline")
+    for row in rows:
+        table.add_row(row["model"], row["pretrained"] or "-", row["source"], "yes" if row["available_offline"] else "no")
+    Console().print(table)
+
+
+@app.command("toy-images")
+@_friendly_errors
+def toy_images(
+    out: Annotated[Path, typer.Argument(help="Folder to write PNGs and captions.tsv into.")],
+    n: Annotated[int, typer.Option("-n", min=1, help="How many images.")] = 8,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write toy-world images (the world the bundled model knows) with a captions.tsv.
+
+    Example: retriever toy-images demo/ -n 4
+    """
+    from retriever import toyworld
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["filepath\ttitle"]
+    for i, (image, caption) in enumerate(toyworld.sample(n, seed=seed)):
+        name = f"{i:04d}_{caption.replace(' ', '_')}.png"
+        image.save(out / name)
+        lines.append(f"{name}\t{caption}")
+    (out / "captions.tsv").write_text("\n".join(lines) + "\n")
+    _stderr(f"wrote {n} images and captions.tsv to {out}")
+
+
+def _find_index(index: Path | None) -> Path:
+    if index is not None:
+        return index
+    candidates = sorted(p for p in DEFAULT_INDEX_ROOT.glob("*") if (p / "manifest.json").is_file()) if DEFAULT_INDEX_ROOT.is_dir() else []
+    if len(candidates) == 1:
+        return candidates[0]
+    found = ", ".join(str(c) for c in candidates) or "none"
+    raise RetrieverError(f"name the index with --index (indexes found under {DEFAULT_INDEX_ROOT}/: {found})")
+
+
+def _print_table(rows: list[tuple[str, int, float, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("query", "rank", "score", "text")
+    for label, rank, score, text in rows:
+        table.add_row(label if rank == 1 else "", str(rank), f"{score:.3f}", text)
+    # Piped output keeps each hit on one line, however long, so grep and cut work on it.
+    Console(width=None if sys.stdout.isatty() else 100_000).print(table)
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        _stderr("interrupted (an interrupted build-index resumes where it stopped when run again)")
+        sys.exit(130)
