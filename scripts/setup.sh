@@ -3,12 +3,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+LOG=.venv/setup.log
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+: > "$LOG"
+pip() {
+  .venv/bin/python -m pip --disable-pip-version-check -q "$@" >>"$LOG" 2>&1 \
+    || { cat "$LOG" >&2; echo "setup failed: pip $*" >&2; exit 1; }
+}
+echo "setting up .venv (log: $LOG)" >&2
 pip install --upgrade pip
 # These exact builds install from local disk on the project's machines; elsewhere pip downloads them.
 .venv/bin/python -c "import torch, torchvision" 2>/dev/null || pip install torch==2.14.1 torchvision==0.29.1
 pip install -e ".[test]"
 # clip-interrogator only for its word lists (the tests' distractor texts); none of its model code is used.
 pip install --no-deps clip-interrogator==0.6.0
-.venv/bin/python -c "import retriever, torch, open_clip, faiss" || { echo "setup failed: see pip output above" >&2; exit 1; }
+.venv/bin/python -c "import retriever, torch, open_clip, faiss"
