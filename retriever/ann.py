@@ -194,6 +194,7 @@ def apply_search_params(index, params: dict) -> None:
     """Set recorded search parameters (nprobe, efSearch) on a loaded index."""
     import faiss
 
-    space = faiss.ParameterSpace()
+    on_gpu = type(index).__name__.startswith("Gpu") and hasattr(faiss, "GpuParameterSpace")
+    space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
     for name, value in params.items():
         space.set_index_parameter(index, name, value)

@@ -1,4 +1,9 @@
-"""The Python API: open an index with its model, query it with images or text."""
+"""The Python API: open an index (and optionally a caption generator), query with images or text.
+
+Modes: `retrieve` (nearest indexed texts), `generate` (captions written by a CoCa model, no
+index needed) and `hybrid` (retrieve; when the best match is weak, also generate; rank
+everything by the index model's image-text similarity).
+"""
 
 from __future__ import annotations
 
@@ -17,71 +22,162 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
+    from retriever.decoding import DecodeOptions
+
+MODES = ("retrieve", "generate", "hybrid")
+# Hybrid mode generates when the best retrieved score is below this. Measured on the toy world
+# (bench/hybrid_threshold.py): with toyworld the true caption's score has 5th percentile 0.84,
+# the best wrong one's (true caption missing) 95th percentile 0.72; 0.78 leaves 1.3% of images
+# on the wrong side. For hub CLIP models a fitting caption's cosine is around 0.3 (not
+# measurable offline here); pass --min-score to tune.
+DEFAULT_MIN_SCORE = {"toyworld": 0.78}
+FALLBACK_MIN_SCORE = 0.3
 
 
 @dataclass
 class Hit:
-    """One retrieved text: cosine `score` to the query, row `id` in the index, and its metadata."""
+    """One caption idea: `score` is its cosine to the query under the index model (None when no
+    index model scored it), `id` its row in the index (None when generated), `source` where it
+    came from (`retrieved` or `generated`)."""
 
     text: str
-    score: float
-    id: int
+    score: float | None
+    id: int | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = "retrieved"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class Retriever:
-    """Nearest texts for images, over an index built by `build_index`.
+    """Caption ideas for images: nearest texts of an index, and/or captions from a generator.
 
     Example:
-        >>> r = Retriever.open("indexes/toyworld")
-        >>> [h.text for h in r.query("cat.png", k=3)]
+        >>> r = Retriever.open("indexes/toyworld", generator="toyworld-coca")
+        >>> [(h.text, h.source) for h in r.query("cat.png", k=3, mode="hybrid")]
     """
 
-    def __init__(self, index: TextIndex, model: LoadedModel):
-        built_with = index.manifest["model"]
-        if model.fingerprint != built_with["fingerprint"]:
-            raise IndexFormatError(
-                f"{index.path} was built with {_model_label(built_with)}, not {model.spec}; "
-                "query it with the model that built it, or rebuild the index"
-            )
-        if model.embed_dim != index.manifest["embedding_dim"]:
-            raise IndexFormatError(f"{index.path}: dimension {index.manifest['embedding_dim']} != model's {model.embed_dim}")
+    def __init__(self, index: TextIndex | None, model: LoadedModel | None, generator: LoadedModel | None = None):
+        if index is not None:
+            assert model is not None
+            built_with = index.manifest["model"]
+            if model.fingerprint != built_with["fingerprint"]:
+                raise IndexFormatError(
+                    f"{index.path} was built with {_model_label(built_with)}, not {model.spec}; "
+                    "query it with the model that built it, or rebuild the index"
+                )
+            if model.embed_dim != index.manifest["embedding_dim"]:
+                raise IndexFormatError(f"{index.path}: dimension {index.manifest['embedding_dim']} != model's {model.embed_dim}")
         self.index = index
         self.model = model
-        self.encoder = Encoder(model)
+        self.encoder = Encoder(model) if model is not None else None
+        self.generator = generator
+        self._captioner = None
 
     @classmethod
-    def open(cls, index: str | Path, model: str | None = None, pretrained: str | None = None,
-             device: str | None = None, precision: str = "fp32") -> Retriever:
-        """Open an index with the model recorded in its manifest, or with `model`/`pretrained`
-        (which must be the same weights, e.g. a checkpoint that has moved)."""
+    def open(cls, index: str | Path | None = None, model: str | None = None, pretrained: str | None = None,
+             device: str | None = None, precision: str = "fp32", generator: str | None = None,
+             generator_pretrained: str | None = None) -> Retriever:
+        """Open an index with the model recorded in its manifest (or `model`/`pretrained`, which
+        must be the same weights, e.g. a checkpoint that has moved), and optionally a generator.
+
+        `generator` is a CoCa model: `toyworld-coca`, `NAME:TAG` (e.g.
+        `coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k`), or a name with `generator_pretrained`.
+        """
+        if index is None and generator is None:
+            raise RetrieverError("give an index to retrieve from, or a generator to write captions")
+        loaded_gen = None
+        if generator is not None:
+            name, _, tag = generator.partition(":") if not generator.startswith(("hf-hub:", "local-dir:")) else (generator, "", "")
+            loaded_gen = load_model(name, generator_pretrained or tag or None, device=device, precision=precision)
+            from retriever.captioner import Captioner
+
+            Captioner(loaded_gen)  # fail now, not at the first query, if it cannot write
+        if index is None:
+            return cls(None, None, loaded_gen)
         manifest = read_manifest(index)
         recorded = manifest["model"]
         if model is None:
             model, pretrained = recorded["name"], pretrained or recorded["pretrained"]
         loaded = load_model(model, pretrained, device=device, precision=precision)
-        return cls(read_index(index, use_gpu=None if device in (None, "cuda") else False), loaded)
+        return cls(read_index(index, use_gpu=None if device in (None, "cuda") else False), loaded, loaded_gen)
 
-    def query(self, image: str | Path | Image.Image, k: int = 10) -> list[Hit]:
-        """The `k` texts nearest to one image (a path or a PIL image), best first."""
-        return self.query_many([image], k=k)[0]
+    @property
+    def captioner(self):
+        if self.generator is None:
+            raise RetrieverError("this mode writes captions: open the Retriever with a generator (a CoCa model)")
+        if self._captioner is None:
+            from retriever.captioner import Captioner
 
-    def query_many(self, images: Sequence[str | Path | Image.Image], k: int = 10, batch_size: int = 64) -> list[list[Hit]]:
-        """`query` for several images at once; raises ImageError on the first unreadable one."""
+            self._captioner = Captioner(self.generator)
+        return self._captioner
+
+    def default_min_score(self) -> float:
+        name = self.model.spec.name if self.model is not None else ""
+        return DEFAULT_MIN_SCORE.get(name, FALLBACK_MIN_SCORE)
+
+    def query(self, image: str | Path | Image.Image, k: int = 10, mode: str = "retrieve", **options: Any) -> list[Hit]:
+        """Caption ideas for one image (a path or a PIL image), best first; see `query_many`."""
+        return self.query_many([image], k=k, mode=mode, **options)[0]
+
+    def query_many(
+        self,
+        images: Sequence[str | Path | Image.Image],
+        k: int = 10,
+        mode: str = "retrieve",
+        decode: DecodeOptions | None = None,
+        min_score: float | None = None,
+        always_generate: bool = False,
+        n_generate: int = 1,
+        batch_size: int = 64,
+    ) -> list[list[Hit]]:
+        """Caption ideas for several images.
+
+        Args:
+            images: paths or PIL images; an unreadable file raises ImageError.
+            k: retrieved texts per image (hybrid returns the k best of retrieved + generated).
+            mode: `retrieve`, `generate` or `hybrid`.
+            decode: decoding options for generated captions (default: beam search, 6 beams).
+            min_score: hybrid generates when the best retrieved score is below this
+                (default: per model, see DEFAULT_MIN_SCORE).
+            always_generate: hybrid generates whatever the retrieved scores.
+            n_generate: captions to generate per image (the n best beams, or n samples).
+        """
         from PIL import Image
 
+        if mode not in MODES:
+            raise RetrieverError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        if k < 1:
+            raise RetrieverError(f"k must be at least 1, got {k}")
         pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-        return self.search(self.encoder.encode_image(pil, batch_size=batch_size, show_progress_bar=False), k)
+        if mode == "generate":
+            generated = self.captioner.caption_candidates(pil, decode, n=n_generate)
+            scores = self._similarities(pil, generated) if self.encoder is not None else None
+            return [self._generated_hits(texts, None if scores is None else scores[i]) for i, texts in enumerate(generated)]
+        xq = self._require_encoder().encode_image(pil, batch_size=batch_size, show_progress_bar=False)
+        results = self.search(xq, k)
+        if mode == "retrieve":
+            return results
+        threshold = self.default_min_score() if min_score is None else min_score
+        weak = [i for i, hits in enumerate(results) if always_generate or not hits or hits[0].score < threshold]
+        if weak:
+            generated = self.captioner.caption_candidates([pil[i] for i in weak], decode, n=n_generate)
+            for i, texts in zip(weak, generated):
+                texts = [t for t in texts if t not in {h.text for h in results[i]}]
+                scores = (self.encoder.encode_text(texts, show_progress_bar=False) @ xq[i]).tolist() if texts else []
+                merged = results[i] + self._generated_hits(texts, scores)
+                results[i] = sorted(merged, key=lambda h: -h.score)[:k]
+        return results
 
     def query_text(self, text: str, k: int = 10) -> list[Hit]:
         """The `k` indexed texts nearest to a text query."""
-        return self.search(self.encoder.encode_text([text], show_progress_bar=False), k)[0]
+        return self.search(self._require_encoder().encode_text([text], show_progress_bar=False), k)[0]
 
     def search(self, xq: np.ndarray, k: int) -> list[list[Hit]]:
         """Hits for each row of `xq` (normalised query vectors from this model)."""
+        if self.index is None:
+            raise RetrieverError("this mode needs an index (build one with `retriever build-index`)")
         if k < 1:
             raise RetrieverError(f"k must be at least 1, got {k}")
         D, I = self.index.search(xq, k)
@@ -91,6 +187,22 @@ class Retriever:
             results.append([_hit(row, float(s)) for row, s in zip(rows, scores)])
         return results
 
+    def _require_encoder(self) -> Encoder:
+        if self.encoder is None:
+            raise RetrieverError("this mode needs an index (build one with `retriever build-index`)")
+        return self.encoder
+
+    def _similarities(self, images: list, texts: list[list[str]]) -> list[list[float]]:
+        xq = self.encoder.encode_image(images, show_progress_bar=False)
+        return [(self.encoder.encode_text(t, show_progress_bar=False) @ xq[i]).tolist() if t else []
+                for i, t in enumerate(texts)]
+
+    @staticmethod
+    def _generated_hits(texts: list[str], scores: list[float] | None) -> list[Hit]:
+        hits = [Hit(text=t, score=None if scores is None else float(s), id=None, source="generated")
+                for t, s in zip(texts, scores if scores is not None else [None] * len(texts))]
+        return sorted(hits, key=lambda h: -h.score) if scores is not None else hits
+
 
 def _hit(row: dict, score: float) -> Hit:
     row = {key: _plain(value) for key, value in row.items()}
@@ -98,12 +210,7 @@ def _hit(row: dict, score: float) -> Hit:
 
 
 def _plain(value: Any) -> Any:
-    """Numpy scalars to Python, NaN (pandas' missing value) to None, so hits serialise as JSON."""
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        try:
-            value = value.item()
-        except (ValueError, TypeError):
-            value = value.tolist() if hasattr(value, "tolist") else value
+    """NaN (a missing value) to None, so hits serialise as JSON."""
     if isinstance(value, float) and math.isnan(value):
         return None
     return value

@@ -112,6 +112,20 @@ def build_index_cmd(
                 f"{summary['empty']} empty, {summary['bad_rows']} bad rows")
 
 
+GeneratorOpt = Annotated[Optional[str], typer.Option(help="CoCa model that writes captions: toyworld-coca, or NAME:TAG [default for generate/hybrid: coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k].")]
+DecodingOpt = Annotated[str, typer.Option(help="greedy, beam, top_k or top_p.")]
+BeamsOpt = Annotated[int, typer.Option(min=2, help="Beams for beam search.")]
+BeamGroupsOpt = Annotated[int, typer.Option(min=1, help="Beam groups (beams must divide into them).")]
+TopKOpt = Annotated[int, typer.Option(min=1, help="Sample among the K likeliest tokens (top_k).")]
+TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Sample from the smallest set with this probability (top_p).")]
+TemperatureOpt = Annotated[float, typer.Option(min=0.01, help="Sampling temperature.")]
+MinLenOpt = Annotated[int, typer.Option(min=1, help="No end of caption before this many tokens (start token included).")]
+MaxLenOpt = Annotated[int, typer.Option(min=2, help="At most this many tokens (capped by the model's context).")]
+RepetitionOpt = Annotated[float, typer.Option(min=0.01, help="Repetition penalty (1 = none).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.")]
+NGenerateOpt = Annotated[int, typer.Option(min=1, help="Captions to generate per image.")]
+
+
 @app.command()
 @_friendly_errors
 def query(
@@ -119,54 +133,122 @@ def query(
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="Texts per query.")] = 10,
     index: Annotated[Optional[Path], typer.Option("--index", "-i", help="Index directory [default: the only one under indexes/].")] = None,
     text: Annotated[Optional[str], typer.Option("--text", "-t", help="Query with this text instead of images.")] = None,
+    mode: Annotated[str, typer.Option(help="retrieve (indexed texts), generate (captions from --generator) or hybrid (both, reranked).")] = "retrieve",
+    generator: GeneratorOpt = None,
+    min_score: Annotated[Optional[float], typer.Option(help="hybrid: generate when the best retrieved score is below this [default: per model, see README].")] = None,
+    always_generate: Annotated[bool, typer.Option(help="hybrid: generate whatever the retrieved scores.")] = False,
+    n_generate: NGenerateOpt = 1,
+    decoding: DecodingOpt = "beam",
+    beams: BeamsOpt = 6,
+    beam_groups: BeamGroupsOpt = 1,
+    top_k: TopKOpt = 50,
+    top_p: TopPOpt = 0.9,
+    temperature: TemperatureOpt = 1.0,
+    min_len: MinLenOpt = 5,
+    max_len: MaxLenOpt = 30,
+    repetition_penalty: RepetitionOpt = 1.0,
+    seed: SeedOpt = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Override the model recorded in the index (same weights, e.g. a moved checkpoint).")] = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = "fp32",
     as_json: JsonOpt = False,
 ) -> None:
-    """Find the K texts of an index nearest to each image (or to --text).
+    """Caption ideas for each image: the K nearest texts of an index, generated captions, or both.
 
     Example: retriever query cat.jpg photos/ -k 5 --index indexes/coco --json
     """
-    from retriever.api import Retriever
-    from retriever.images import expand_image_paths, load_image
+    from retriever.api import MODES, Retriever
+    from retriever.decoding import DecodeOptions
 
+    if mode not in MODES:
+        raise typer.BadParameter(f"choose from {', '.join(MODES)}", param_hint="--mode")
     if not images and text is None:
         raise typer.BadParameter("give one or more images, or --text", param_hint="IMAGES")
     if images and text is not None:
         raise typer.BadParameter("give images or --text, not both", param_hint="--text")
-    retriever = Retriever.open(_find_index(index), model=model, pretrained=pretrained, device=device,
-                               precision=precision)
-    rows: list[tuple[str, int, float, str]] = []
-    failures = 0
+    if text is not None and mode != "retrieve":
+        raise typer.BadParameter("--text queries only retrieve", param_hint="--mode")
+    if mode != "retrieve" and generator is None:
+        from retriever.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
+
+        generator = f"{DEFAULT_GENERATOR}:{DEFAULT_GENERATOR_PRETRAINED}"
+    index_path = index if mode == "generate" else _find_index(index)
+    retriever = Retriever.open(index_path, model=model, pretrained=pretrained, device=device, precision=precision,
+                               generator=generator if mode != "retrieve" else None)
+    decode = DecodeOptions(decoding, beams, beam_groups, top_k, top_p, temperature, min_len, max_len, repetition_penalty, seed)
+    options = {"mode": mode, "decode": decode, "min_score": min_score, "always_generate": always_generate,
+               "n_generate": n_generate}
+    if not _answer(retriever, images or [], text, k, options, as_json):
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly_errors
+def caption(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.", show_default=False)],
+    generator: GeneratorOpt = None,
+    n: NGenerateOpt = 1,
+    decoding: DecodingOpt = "beam",
+    beams: BeamsOpt = 6,
+    beam_groups: BeamGroupsOpt = 1,
+    top_k: TopKOpt = 50,
+    top_p: TopPOpt = 0.9,
+    temperature: TemperatureOpt = 1.0,
+    min_len: MinLenOpt = 5,
+    max_len: MaxLenOpt = 30,
+    repetition_penalty: RepetitionOpt = 1.0,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = "fp32",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write captions for images with a CoCa model (query --mode generate, without an index).
+
+    Example: retriever caption cat.jpg --beams 6 --generator coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k
+    """
+    from retriever.api import Retriever
+    from retriever.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
+    from retriever.decoding import DecodeOptions
+
+    generator = generator or f"{DEFAULT_GENERATOR}:{DEFAULT_GENERATOR_PRETRAINED}"
+    retriever = Retriever.open(None, device=device, precision=precision, generator=generator)
+    decode = DecodeOptions(decoding, beams, beam_groups, top_k, top_p, temperature, min_len, max_len, repetition_penalty, seed)
+    if not _answer(retriever, images, None, n, {"mode": "generate", "decode": decode, "n_generate": n}, as_json):
+        raise typer.Exit(1)
+
+
+def _answer(retriever, images: list[str], text: str | None, k: int, options: dict, as_json: bool) -> bool:
+    """Query and print results (a table, or JSON lines); returns False if any image failed."""
+    from retriever.images import expand_image_paths, load_image
+
+    rows: list[tuple[str, int, float | None, str, str]] = []
+    ok = True
 
     def show(label_key: str, label: str, hits) -> None:
         for rank, hit in enumerate(hits, start=1):
             if as_json:
                 _emit_json({label_key: label, "rank": rank, **hit.to_dict()})
             else:
-                rows.append((label, rank, hit.score, hit.text))
+                rows.append((label, rank, hit.score, hit.source, hit.text))
 
     if text is not None:
         show("query_text", text, retriever.query_text(text, k=k))
-    else:
-        paths = expand_image_paths(images or [])
-        for start in range(0, len(paths), 64):
-            loaded = []
-            for path in paths[start:start + 64]:
-                try:
-                    loaded.append((str(path), load_image(path)))
-                except ImageError as e:
-                    failures += 1
-                    _stderr(f"error: {e}")
-            if loaded:
-                for (label, _), hits in zip(loaded, retriever.query_many([im for _, im in loaded], k=k)):
-                    show("image", label, hits)
+    paths = expand_image_paths(images)
+    for start in range(0, len(paths), 64):
+        loaded = []
+        for path in paths[start:start + 64]:
+            try:
+                loaded.append((str(path), load_image(path)))
+            except ImageError as e:
+                ok = False
+                _stderr(f"error: {e}")
+        if loaded:
+            for (label, _), hits in zip(loaded, retriever.query_many([im for _, im in loaded], k=k, **options)):
+                show("image", label, hits)
     if rows:
-        _print_table(rows)
-    if failures:
-        raise typer.Exit(1)
+        _print_table(rows, with_source=options.get("mode", "retrieve") != "retrieve")
+    return ok
 
 
 @app.command()
@@ -244,13 +326,14 @@ def _find_index(index: Path | None) -> Path:
     raise RetrieverError(f"name the index with --index (indexes found under {DEFAULT_INDEX_ROOT}/: {found})")
 
 
-def _print_table(rows: list[tuple[str, int, float, str]]) -> None:
+def _print_table(rows: list[tuple[str, int, float | None, str, str]], with_source: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("query", "rank", "score", "text")
-    for label, rank, score, text in rows:
-        table.add_row(label if rank == 1 else "", str(rank), f"{score:.3f}", text)
+    table = Table("query", "rank", "score", *(["source"] if with_source else []), "text")
+    for label, rank, score, source, text in rows:
+        table.add_row(label if rank == 1 else "", str(rank), "-" if score is None else f"{score:.3f}",
+                      *([source] if with_source else []), text)
     # Piped output keeps each hit on one line, however long, so grep and cut work on it.
     Console(width=None if sys.stdout.isatty() else 100_000).print(table)
 

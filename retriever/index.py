@@ -53,7 +53,8 @@ class TextIndex:
 
     def rows(self, ids: list[int]) -> list[dict]:
         """The stored id, text and metadata of each row id, as dicts."""
-        return self.texts.take(ids).to_pylist()
+        # One zero-copy slice per row: `take` on a many-chunk table copies whole chunks.
+        return [self.texts.slice(i, 1).to_pylist()[0] for i in ids]
 
 
 def write_index(path: str | Path, faiss_index: Any, texts: Iterable[pa.Table], schema: pa.Schema,
