@@ -58,6 +58,9 @@ def main() -> None:
     images = [im for im, _ in toyworld.sample(args.batch, seed=11)]
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms("coca_ViT-B-32")
+    # open_clip leaves the decoder's output projection uninitialised (torch.empty, in practice
+    # zeros): every logit ties and "greedy" samples at random. Give it real random weights.
+    torch.nn.init.normal_(model.text_decoder.text_projection, std=model.text_decoder.width ** -0.5)
     big = wrap_model(ModelSpec("coca_ViT-B-32", "random"), model, preprocess, open_clip.get_tokenizer("coca_ViT-B-32"),
                      "coca_ViT-B-32/random", "cpu")
     toy = load_model("toyworld-coca", device="cpu")

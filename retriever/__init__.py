@@ -23,14 +23,18 @@ _LAZY = {
     "build_index": "retriever.build",
     "read_corpus": "retriever.corpus",
     "load_image": "retriever.images",
+    "Captioner": "retriever.captioner",
+    "DecodeOptions": "retriever.decoding",
 }
 
 __all__ = ["CorpusError", "ImageError", "IndexFormatError", "ModelError", "RetrieverError", *_LAZY]
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # noqa: F401 (names for type checkers; loaded lazily below)
     from retriever.api import Hit, Retriever
     from retriever.build import build_index
+    from retriever.captioner import Captioner
     from retriever.corpus import read_corpus
+    from retriever.decoding import DecodeOptions
     from retriever.encoder import Encoder
     from retriever.images import load_image
     from retriever.models import list_models, load_model

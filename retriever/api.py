@@ -77,20 +77,22 @@ class Retriever:
 
     @classmethod
     def open(cls, index: str | Path | None = None, model: str | None = None, pretrained: str | None = None,
-             device: str | None = None, precision: str = "fp32", generator: str | None = None,
+             device: str | None = None, precision: str = "fp32", generator: str | LoadedModel | None = None,
              generator_pretrained: str | None = None) -> Retriever:
         """Open an index with the model recorded in its manifest (or `model`/`pretrained`, which
         must be the same weights, e.g. a checkpoint that has moved), and optionally a generator.
 
         `generator` is a CoCa model: `toyworld-coca`, `NAME:TAG` (e.g.
-        `coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k`), or a name with `generator_pretrained`.
+        `coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k`), a name with `generator_pretrained`,
+        or an already loaded model (to share one between several indexes).
         """
         if index is None and generator is None:
             raise RetrieverError("give an index to retrieve from, or a generator to write captions")
-        loaded_gen = None
-        if generator is not None:
+        loaded_gen = generator if isinstance(generator, LoadedModel) else None
+        if isinstance(generator, str):
             name, _, tag = generator.partition(":") if not generator.startswith(("hf-hub:", "local-dir:")) else (generator, "", "")
             loaded_gen = load_model(name, generator_pretrained or tag or None, device=device, precision=precision)
+        if loaded_gen is not None:
             from retriever.captioner import Captioner
 
             Captioner(loaded_gen)  # fail now, not at the first query, if it cannot write

@@ -11,13 +11,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from retriever.corpus import BadRow, CorpusReport, count_rows, iter_corpus
 from retriever.encoder import Encoder
 from retriever.errors import IndexFormatError
 from retriever.index import RESERVED_COLUMNS, write_index
 from retriever.models import LoadedModel, sha256_file
+from retriever.progress import progress
 from retriever.shards import ShardDir
 
 if TYPE_CHECKING:
@@ -91,8 +92,7 @@ def build_index(
     report = CorpusReport()
     encoder = Encoder(model)
     embedded = 0
-    with _Progress(count_rows(corpus_path), show_progress_bar) as progress:
-        progress.advance(0)
+    with progress(count_rows(corpus_path), "embedding", "texts", show_progress_bar) as advance:
         chunk: list[tuple[str, dict]] = []
         number = 0
         rows_seen = 0
@@ -102,13 +102,13 @@ def build_index(
             if number >= done_before:
                 texts = [t for t, _ in chunk]
                 vectors = encoder.encode_text(texts, batch_size=batch_size, show_progress_bar=False,
-                                              on_batch=progress.advance)
+                                              on_batch=advance)
                 shards.write(number, vectors, _table(chunk, first_id=number * chunk_size))
                 embedded += len(chunk)
             else:
-                progress.advance(len(chunk))
+                advance(len(chunk))
             consumed = report.rows + len(report.bad_rows)
-            progress.advance(consumed - rows_seen - len(chunk))  # skipped empty/duplicate/bad rows
+            advance(consumed - rows_seen - len(chunk))  # skipped empty/duplicate/bad rows
             rows_seen = consumed
             number += 1
             chunk.clear()
@@ -231,44 +231,6 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         else:
             columns.append(pa.nulls(table.num_rows, f.type))
     return pa.Table.from_arrays(columns, schema=schema)
-
-
-class _Progress:
-    """Build progress on stderr: rows read, texts/s and ETA (nothing when not shown)."""
-
-    def __init__(self, total: int | None, show: bool | None):
-        import sys
-
-        self.total = total
-        self.show = sys.stderr.isatty() if show is None else show
-        self.bar: Any = None
-        self.task: Any = None
-
-    def __enter__(self) -> _Progress:
-        if self.show:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-            from rich.progress import ProgressColumn
-            from rich.text import Text
-
-            class Speed(ProgressColumn):
-                def render(self, task) -> Text:
-                    return Text(f"{task.speed or 0:,.0f} texts/s")
-
-            self.bar = Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                                Speed(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("", total=self.total)
-        return self
-
-    def advance(self, n: int) -> None:
-        if self.bar is not None and n:
-            self.bar.advance(self.task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _versions() -> dict[str, str]:

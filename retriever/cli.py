@@ -293,6 +293,44 @@ def models(as_json: JsonOpt = False) -> None:
     Console().print(table)
 
 
+@app.command()
+@_friendly_errors
+def serve(
+    index: Annotated[Optional[list[Path]], typer.Option("--index", "-i", help="Index directory; repeat for several (named by directory).")] = None,
+    generator: GeneratorOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    max_upload: Annotated[str, typer.Option(help="Largest accepted request body, e.g. 10M.")] = "10M",
+    max_pending: Annotated[int, typer.Option(min=1, help="Queries waiting or running at once; more get 503.")] = 32,
+    device: DeviceOpt = None,
+) -> None:
+    """Serve the HTTP API (POST /v1/query, GET /v1/indexes, /healthz, /openapi.json) and a web page at /.
+
+    Example: retriever serve --index indexes/coco --generator toyworld-coca --port 8000
+    """
+    from retriever.ann import parse_bytes
+    from retriever.api import Retriever
+    from retriever.server import ServerSettings, create_app
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise RetrieverError("the server needs its extra: pip install 'retriever[serve]'") from None
+    if not index and not generator:
+        raise typer.BadParameter("give at least one --index, or a --generator", param_hint="--index")
+    shared_generator = Retriever.open(None, device=device, generator=generator).generator if generator else None
+    retrievers = {}
+    for path in index or []:
+        if path.name in retrievers:
+            raise RetrieverError(f"two indexes are named {path.name!r}; rename one directory")
+        retrievers[path.name] = Retriever.open(path, device=device, generator=shared_generator)
+    if not retrievers:
+        retrievers["generator"] = Retriever.open(None, generator=shared_generator)
+    settings = ServerSettings(max_upload_bytes=parse_bytes(max_upload), max_pending=max_pending)
+    _stderr(f"serving {', '.join(retrievers)} on http://{host}:{port}/")
+    uvicorn.run(create_app(retrievers, settings), host=host, port=port, log_level="warning")
+
+
 @app.command("toy-images")
 @_friendly_errors
 def toy_images(

@@ -7,19 +7,15 @@ Images go through the model's own eval transform. Output is L2-normalised float3
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from retriever.models import LoadedModel
+from retriever.progress import progress
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
     from PIL import Image
-
-
-def _show_progress(show_progress_bar: bool | None) -> bool:
-    return sys.stderr.isatty() if show_progress_bar is None else show_progress_bar
 
 
 def can_trim_padding(model: Any) -> bool:
@@ -101,7 +97,7 @@ class Encoder:
         lengths = (tokens != 0).sum(dim=1)
         order = torch.argsort(lengths, descending=True, stable=True)
         out = np.empty((len(items), self.dim), dtype=np.float32)
-        with torch.inference_mode(), _progress(len(items), "texts", show_progress_bar) as advance:
+        with torch.inference_mode(), progress(len(items), "encoding texts", "texts", show_progress_bar) as advance:
             for start in range(0, len(items), batch_size):
                 idx = order[start:start + batch_size]
                 batch = tokens[idx].to(self.loaded.device)
@@ -132,7 +128,7 @@ class Encoder:
         single = isinstance(images, Image.Image)
         items = [images] if single else list(images)
         out = np.empty((len(items), self.dim), dtype=np.float32)
-        with torch.inference_mode(), _progress(len(items), "images", show_progress_bar) as advance:
+        with torch.inference_mode(), progress(len(items), "encoding images", "images", show_progress_bar) as advance:
             for start in range(0, len(items), batch_size):
                 chunk = items[start:start + batch_size]
                 pixels = torch.stack([self.loaded.preprocess(im.convert("RGB")) for im in chunk])
@@ -143,28 +139,3 @@ class Encoder:
                 out[start:start + len(chunk)] = features.cpu().numpy()
                 advance(len(chunk))
         return out[0] if single else out
-
-
-class _progress:
-    """A rich progress bar on stderr (or nothing), used as `with _progress(n, unit, show) as advance:`."""
-
-    def __init__(self, total: int, unit: str, show: bool | None):
-        self.total, self.unit = total, unit
-        self.show = _show_progress(show) and total > 0
-        self.bar: Any = None
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.show:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn(f"encoding {self.unit}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-        self.bar.start()
-        task = self.bar.add_task("", total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()

@@ -14,12 +14,14 @@ class CorpusError(RetrieverError):
 
 
 class ImageError(RetrieverError):
-    """An image cannot be read; `path` names it."""
+    """An image cannot be read; `path` names it, `kind` says why (missing, empty, not_image,
+    broken, too_large)."""
 
-    def __init__(self, path: str, reason: str):
+    def __init__(self, path: str, reason: str, kind: str = "broken"):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+        self.kind = kind
 
 
 class IndexFormatError(RetrieverError):

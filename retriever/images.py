@@ -21,30 +21,41 @@ def load_image(path: str | Path) -> Image.Image:
         ImageError: missing, empty, not an image, truncated, or over Pillow's pixel limit
             (a likely decompression bomb). The message names the file.
     """
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(str(path), "no such file", kind="missing")
+    if path.is_dir():
+        raise ImageError(str(path), "is a directory, not an image", kind="missing")
+    return _decode(path, str(path), path.stat().st_size)
+
+
+def image_from_bytes(data: bytes, name: str = "upload") -> Image.Image:
+    """`load_image` for bytes already in memory (uploads); `name` labels errors."""
+    import io
+
+    return _decode(io.BytesIO(data), name, len(data))
+
+
+def _decode(source, name: str, size: int) -> Image.Image:
     import warnings
 
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.exists():
-        raise ImageError(str(path), "no such file")
-    if path.is_dir():
-        raise ImageError(str(path), "is a directory, not an image")
-    if path.stat().st_size == 0:
-        raise ImageError(str(path), "empty file (0 bytes)")
+    if size == 0:
+        raise ImageError(name, "empty file (0 bytes)", kind="empty")
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 im.load()
                 return im.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(str(path), f"refused: too many pixels, a possible decompression bomb ({e})") from None
+        raise ImageError(name, f"refused: too many pixels, a possible decompression bomb ({e})", kind="too_large") from None
     except UnidentifiedImageError:
-        raise ImageError(str(path), "not an image Pillow can read") from None
+        raise ImageError(name, "not an image Pillow can read", kind="not_image") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(str(path), f"broken or truncated image ({e})") from None
+        raise ImageError(name, f"broken or truncated image ({e})", kind="broken") from None
 
 
 def expand_image_paths(patterns: list[str]) -> list[Path]:

@@ -23,7 +23,8 @@ def test_parse_bytes():
 
 def test_auto_plan_exact_for_small_ann_for_large_and_fits_memory():
     assert plan_index(10_000, 512).index_type == "flat"
-    assert plan_index(5_000_000, 512).index_type == "ivf"
+    assert plan_index(5_000_000, 512).index_type == "hnsw"
+    assert plan_index(5_000_000, 512, max_memory=parse_bytes("10G")).index_type == "ivf"  # HNSW's links do not fit
     tight = plan_index(5_000_000, 512, max_memory=parse_bytes("1G"))
     assert tight.index_type == "ivfpq" and tight.estimated_bytes <= parse_bytes("1G")
     assert plan_index(10_000, 512, max_memory=1_000_000).index_type == "ivfpq"  # flat would not fit
