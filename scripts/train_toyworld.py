@@ -68,15 +68,35 @@ def recall_at_1(model, tokenizer, preprocess, n: int = 512, seed: int = 10_000) 
     return sum(captions[b] == cap for b, (_, cap) in zip(best, pairs)) / n
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500)
+def training_args(doc: str, steps: int, variants: int, eval_every: int) -> argparse.ArgumentParser:
+    """The options both toy training scripts share."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", type=int, default=256, help="pre-rendered images per caption")
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--variants", type=int, default=variants, help="pre-rendered images per caption")
+    parser.add_argument("--eval-every", type=int, default=eval_every)
+    return parser
+
+
+def adamw(model, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay 0.1 on matrices, none on embeddings, gains and biases."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def cosine_lr(step: int, lr: float, warmup: int, steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def main() -> None:
+    parser = training_args(__doc__, steps=1500, variants=256, eval_every=100)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 
@@ -90,15 +110,7 @@ def main() -> None:
     preprocess = open_clip.image_transform(64, is_train=False, mean=PREPROCESS_CFG["mean"], std=PREPROCESS_CFG["std"])
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=MODEL_CFG["text_cfg"]["context_length"])
     loss_fn = ClipLoss()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return 0.5 * args.lr * (1 + math.cos(math.pi * progress))
+    optimizer = adamw(model, args.lr)
 
     scenes = toyworld.all_scenes()
     pool = render_pool(scenes, preprocess, args.variants, args.seed)
@@ -108,7 +120,7 @@ def main() -> None:
     r1 = 0.0
     for step in range(args.steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = cosine_lr(step, args.lr, args.warmup, args.steps)
         order = torch.randperm(len(scenes), generator=generator).tolist()
         variant = torch.randint(args.variants, (len(order),), generator=generator)
         images = pool[variant, torch.tensor(order)].float()

@@ -18,14 +18,12 @@ vocabulary, the toy words still win.
 
 from __future__ import annotations
 
-import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
 
-from train_toyworld import PREPROCESS_CFG, render_pool, write_config
+from train_toyworld import PREPROCESS_CFG, adamw, cosine_lr, render_pool, training_args, write_config
 
 from retriever import toyworld
 
@@ -75,17 +73,10 @@ def forward(model, images: torch.Tensor, tokens: torch.Tensor, vocab: torch.Tens
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser = training_args(__doc__, steps=2000, variants=128, eval_every=250)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", type=int, default=128, help="pre-rendered images per caption")
     parser.add_argument("--contrastive-weight", type=float, default=1.0)
     parser.add_argument("--negatives", type=int, default=2048, help="random vocabulary tokens scored per step")
-    parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--init-visual-from", default="toyworld",
                         help="bundled CLIP whose vision trunk starts the CoCa's ('' for random)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -110,14 +101,7 @@ def main() -> None:
         print(f"vision trunk from {args.init_visual_from}: {len(trunk)} tensors; new: {', '.join(sorted({m.split('.')[0] for m in missing}))}")
     preprocess = open_clip.image_transform(64, is_train=False, mean=PREPROCESS_CFG["mean"], std=PREPROCESS_CFG["std"])
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=CONTEXT)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        return 0.5 * args.lr * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
+    optimizer = adamw(model, args.lr)
 
     scenes = toyworld.all_scenes()
     pool = render_pool(scenes, preprocess, args.variants, args.seed + 1)
@@ -128,7 +112,7 @@ def main() -> None:
     match = 0.0
     for step in range(args.steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = cosine_lr(step, args.lr, args.warmup, args.steps)
         which = torch.randperm(len(scenes), generator=generator)[: args.batch_size]  # distinct captions
         variant = torch.randint(args.variants, (args.batch_size,), generator=generator)
         negatives = torch.randint(49408, (args.negatives,), generator=generator)
