@@ -26,6 +26,15 @@ def until_eos(tokens: list[int], eos: int = 49407) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
+def repeat(fn, min_seconds: float = 3.0):
+    """fn's result and its mean time over as many runs as fill `min_seconds` (at least one)."""
+    runs, start = 0, time.perf_counter()
+    while runs == 0 or time.perf_counter() - start < min_seconds:
+        result = fn()
+        runs += 1
+    return result, (time.perf_counter() - start) / runs
+
+
 def compare(loaded, images, method: str, beams: int, max_len: int) -> None:
     captioner = Captioner(loaded)
     opts = DecodeOptions(method=method, beams=beams, max_len=max_len)
@@ -33,13 +42,9 @@ def compare(loaded, images, method: str, beams: int, max_len: int) -> None:
     kwargs = ({"generation_type": "beam_search", "num_beams": beams, "num_beam_groups": 1} if method == "beam"
               else {"generation_type": "top_k", "top_k": 1})
     captioner.generate_tokens(images[:1], opts)  # warm-up
-    start = time.perf_counter()
-    ours = [until_eos(t[0]) for t in captioner.generate_tokens(images, opts)]
-    ours_s = time.perf_counter() - start
+    ours, ours_s = repeat(lambda: [until_eos(t[0]) for t in captioner.generate_tokens(images, opts)])
     with torch.inference_mode():
-        start = time.perf_counter()
-        ref = [until_eos(t) for t in loaded.model.generate(pixels, seq_len=max_len, **kwargs).tolist()]
-        ref_s = time.perf_counter() - start
+        ref, ref_s = repeat(lambda: [until_eos(t) for t in loaded.model.generate(pixels, seq_len=max_len, **kwargs).tolist()])
     label = f"{loaded.spec.name} {method}{f' x{beams}' if method == 'beam' else ''}"
     print(f"{label:32} open_clip {len(images) / ref_s:7.2f} captions/s   ours {len(images) / ours_s:7.2f} captions/s   "
           f"speed-up {ref_s / ours_s:5.2f}x   identical output: {ours == ref}", flush=True)

@@ -60,8 +60,8 @@ def process_logits(input_ids: torch.Tensor, scores: torch.Tensor, opts: DecodeOp
     """Minimum length (no end token before `min_len`) and repetition penalty."""
     import torch
 
-    scores = scores.clone()
     if input_ids.shape[-1] < opts.min_len:
+        scores = scores.clone()
         scores[:, eos] = -math.inf
     if opts.repetition_penalty != 1.0:
         seen = torch.gather(scores, 1, input_ids)
@@ -147,42 +147,45 @@ def beam_search(stepper: Stepper, batch: int, opts: DecodeOptions, sot: int, eos
     beam_scores = beam_scores.view(-1)
     hyps = [_Hypotheses(size) for _ in range(batch * groups)]
     done = [False] * (batch * groups)
+    group_rows = [torch.tensor([b * beams + j for b in range(batch) for j in range(g * size, (g + 1) * size)])
+                  for g in range(groups)]
     while True:
         logits = stepper.step(input_ids[:, -1]).float().cpu()
         vocab = logits.shape[-1]
         current = torch.zeros(rows, dtype=torch.long)
         reorder = torch.zeros(rows, dtype=torch.long)
-        for g in range(groups):
-            idx = torch.tensor([b * beams + j for b in range(batch) for j in range(g * size, (g + 1) * size)])
+        for g, idx in enumerate(group_rows):
             group_ids = input_ids[idx]
             scores = process_logits(group_ids, logits[idx], opts, eos) + beam_scores[idx][:, None]
             top_scores, top = torch.topk(scores.view(batch, size * vocab), 2 * size, dim=1)
-            top_rows, top_tokens = top // vocab, top % vocab
+            top_rows, top_tokens = (top // vocab).tolist(), (top % vocab).tolist()
+            top_scores = top_scores.tolist()
             cur_len = group_ids.shape[-1] + 1
-            next_scores = torch.zeros(batch, size)
-            next_tokens = torch.zeros(batch, size, dtype=torch.long)
-            next_rows = torch.zeros(batch, size, dtype=torch.long)
+            # Plain lists while choosing (per-element tensor writes cost more than the choice itself).
+            chosen_scores, chosen_tokens, chosen_rows = [0.0] * (batch * size), [0] * (batch * size), [0] * (batch * size)
             for b in range(batch):
                 h = b * groups + g
                 if done[h]:
-                    next_tokens[b] = pad
+                    chosen_tokens[b * size:(b + 1) * size] = [pad] * size
                     continue
                 kept = 0
-                for rank, (token, score, row) in enumerate(zip(top_tokens[b].tolist(), top_scores[b].tolist(), top_rows[b].tolist())):
+                for rank, (token, score, row) in enumerate(zip(top_tokens[b], top_scores[b], top_rows[b])):
                     group_row = b * size + row
                     if token == eos:
                         if rank < size:
                             hyps[h].add(group_ids[group_row].tolist(), score, cur_len)
                     else:
-                        next_scores[b, kept], next_tokens[b, kept], next_rows[b, kept] = score, token, group_row
+                        at = b * size + kept
+                        chosen_scores[at], chosen_tokens[at], chosen_rows[at] = score, token, group_row
                         kept += 1
                     if kept == size:
                         break
-                done[h] = done[h] or hyps[h].is_done(top_scores[b].max().item(), cur_len)
-            next_rows = next_rows.view(-1)
-            beam_scores[idx] = next_scores.view(-1)
+                done[h] = done[h] or hyps[h].is_done(max(top_scores[b]), cur_len)
+            next_scores, next_tokens = torch.tensor(chosen_scores), torch.tensor(chosen_tokens, dtype=torch.long)
+            next_rows = torch.tensor(chosen_rows, dtype=torch.long)
+            beam_scores[idx] = next_scores
             input_ids[idx] = group_ids[next_rows]
-            current[idx] = next_tokens.view(-1)
+            current[idx] = next_tokens
             reorder[idx] = beams * (next_rows // size) + g * size + next_rows % size
         stepper.reorder(reorder)
         input_ids = torch.cat([input_ids, current[:, None]], dim=1)
