@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 from retriever.errors import RetrieverError
+from retriever.faiss_import import import_faiss
 
 if TYPE_CHECKING:
     import numpy as np
@@ -120,14 +121,14 @@ def train_sample_size(plan: IndexPlan, n: int) -> int:
 
 def new_index(plan: IndexPlan, d: int):
     """An empty inner-product index for `plan`."""
-    import faiss
+    faiss = import_faiss()
 
     return faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)
 
 
 def exact_neighbors(xb_chunks: Iterable[np.ndarray], xq: np.ndarray, k: int) -> np.ndarray:
     """Brute-force top-k ids of `xq` over the database given chunk by chunk (fits any size)."""
-    import faiss
+    faiss = import_faiss()
     import numpy as np
 
     heap_D = np.full((len(xq), k), -np.inf, dtype=np.float32)
@@ -169,7 +170,7 @@ def tune(index, plan: IndexPlan, xq: np.ndarray, gt: np.ndarray, target: float, 
 
     If none does, the most accurate setting tried is kept and its recall reported.
     """
-    import faiss
+    faiss = import_faiss()
 
     if plan.tune is None:
         return TuneResult({}, 1.0, len(xq))
@@ -194,7 +195,7 @@ def tune(index, plan: IndexPlan, xq: np.ndarray, gt: np.ndarray, target: float, 
 
 def apply_search_params(index, params: dict) -> None:
     """Set recorded search parameters (nprobe, efSearch) on a loaded index."""
-    import faiss
+    faiss = import_faiss()
 
     on_gpu = type(index).__name__.startswith("Gpu") and hasattr(faiss, "GpuParameterSpace")
     space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()

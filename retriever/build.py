@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 from retriever.corpus import BadRow, CorpusReport, count_rows, iter_corpus
 from retriever.encoder import Encoder
 from retriever.errors import IndexFormatError
+from retriever.faiss_import import import_faiss
 from retriever.index import RESERVED_COLUMNS, write_index
 from retriever.models import LoadedModel, sha256_file
 from retriever.progress import progress
@@ -81,6 +82,7 @@ def build_index(
     """
     from retriever.ann import plan_index
 
+    import_faiss()  # before hours of embedding, not after
     start = time.perf_counter()
     out = Path(out)
     if out.exists() and not overwrite:
@@ -149,7 +151,7 @@ def build_index(
 
 def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, use_gpu: bool | None):
     """Train (on a sample), fill and tune the FAISS index from the shards."""
-    import faiss
+    faiss = import_faiss()
     import numpy as np
 
     from retriever.ann import TuneResult, exact_neighbors, new_index, perturbed_queries, train_sample_size, tune

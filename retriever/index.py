@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from retriever.errors import IndexFormatError
+from retriever.faiss_import import import_faiss
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,7 +61,7 @@ class TextIndex:
 def write_index(path: str | Path, faiss_index: Any, texts: Iterable[pa.Table], schema: pa.Schema,
                 manifest: dict, overwrite: bool = False) -> Path:
     """Write a built FAISS index and its texts (tables conforming to `schema`) atomically."""
-    import faiss
+    faiss = import_faiss()
     import pyarrow.parquet as pq
 
     path = Path(path)
@@ -120,7 +121,7 @@ def read_index(path: str | Path, use_gpu: bool | None = None, mmap: bool | None 
         mmap: memory-map the vectors instead of reading them into RAM; None does so when the
             index file is larger than half the available memory.
     """
-    import faiss
+    faiss = import_faiss()
     import pyarrow.parquet as pq
 
     from retriever.ann import apply_search_params
