@@ -11,6 +11,7 @@ $R query examples/red_star.png --index indexes/toyworld -k 5
 echo "== freshly generated images (their true captions are in the file names)"
 $R toy-images indexes/demo-images -n 3 --seed 42
 $R query indexes/demo-images --index indexes/toyworld -k 3
-echo "== captions written by the bundled toy CoCa, and hybrid mode (retrieved and generated, reranked)"
+echo "== captions written by the bundled toy CoCa, then hybrid mode: retrieved and generated captions reranked"
+echo "   (a generated caption that the index already holds is listed once, as retrieved)"
 $R caption indexes/demo-images --generator toyworld-coca
 $R query indexes/demo-images --mode hybrid --always-generate --generator toyworld-coca --index indexes/toyworld -k 3
