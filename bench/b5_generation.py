@@ -6,7 +6,7 @@ transformers 4.56.x for `generate`. Models: full-size coca_ViT-B-32 with random 
 real FLOPs; a random model rarely ends early, so every caption runs to --max-len) and the
 bundled toyworld-coca.
 
-    python bench/b5_generation.py --batch 4 --beams 6 --max-len 20
+    python bench/b5_generation.py --batch 4 --beams 6 --max-len 20 --toy-batches 1,4,16
 """
 
 import argparse
@@ -45,7 +45,7 @@ def compare(loaded, images, method: str, beams: int, max_len: int) -> None:
     ours, ours_s = repeat(lambda: [until_eos(t[0]) for t in captioner.generate_tokens(images, opts)])
     with torch.inference_mode():
         ref, ref_s = repeat(lambda: [until_eos(t) for t in loaded.model.generate(pixels, seq_len=max_len, **kwargs).tolist()])
-    label = f"{loaded.spec.name} {method}{f' x{beams}' if method == 'beam' else ''}"
+    label = f"{loaded.spec.name} {method}{f' x{beams}' if method == 'beam' else ''}, batch {len(images)}"
     print(f"{label:32} open_clip {len(images) / ref_s:7.2f} captions/s   ours {len(images) / ours_s:7.2f} captions/s   "
           f"speed-up {ref_s / ours_s:5.2f}x   identical output: {ours == ref}", flush=True)
 
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--beams", type=int, default=6)
     parser.add_argument("--max-len", type=int, default=20)
+    parser.add_argument("--toy-batches", default="1,4,16", help="batch sizes for the toy model")
     args = parser.parse_args()
     import open_clip
 
@@ -69,9 +70,12 @@ def main() -> None:
     big = wrap_model(ModelSpec("coca_ViT-B-32", "random"), model, preprocess, open_clip.get_tokenizer("coca_ViT-B-32"),
                      "coca_ViT-B-32/random", "cpu")
     toy = load_model("toyworld-coca", device="cpu")
-    for loaded, max_len in ((big, args.max_len), (toy, 10)):
+    for method in ("greedy", "beam"):
+        compare(big, images, method, args.beams, args.max_len)
+    for batch in (int(b) for b in args.toy_batches.split(",")):
+        toy_images = [im for im, _ in toyworld.sample(batch, seed=11)]
         for method in ("greedy", "beam"):
-            compare(loaded, images, method, args.beams, max_len)
+            compare(toy, toy_images, method, args.beams, 10)
 
 
 if __name__ == "__main__":

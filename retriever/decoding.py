@@ -156,7 +156,13 @@ def beam_search(stepper: Stepper, batch: int, opts: DecodeOptions, sot: int, eos
         reorder = torch.zeros(rows, dtype=torch.long)
         for g, idx in enumerate(group_rows):
             group_ids = input_ids[idx]
-            scores = process_logits(group_ids, logits[idx], opts, eos) + beam_scores[idx][:, None]
+            group_logits = logits if groups == 1 else logits[idx]  # rows are already in group order
+            if opts.repetition_penalty != 1.0:
+                scores = process_logits(group_ids, group_logits, opts, eos) + beam_scores[idx][:, None]
+            else:  # the same, with one copy of the [rows, vocab] scores instead of three
+                scores = group_logits + beam_scores[idx][:, None]
+                if group_ids.shape[-1] < opts.min_len:
+                    scores[:, eos] = -math.inf
             top_scores, top = torch.topk(scores.view(batch, size * vocab), 2 * size, dim=1)
             top_rows, top_tokens = (top // vocab).tolist(), (top % vocab).tolist()
             top_scores = top_scores.tolist()
