@@ -95,16 +95,9 @@ def iter_corpus(
             or (when the file is exhausted) no usable text at all.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix not in FORMATS:
-        raise CorpusError(f"{path}: unknown corpus format {suffix!r}; use one of {', '.join(FORMATS)}")
-    readers = {".txt": _read_txt, ".tsv": _read_delimited, ".csv": _read_delimited,
-               ".parquet": _read_parquet, ".jsonl": _read_jsonl}
     report = report if report is not None else CorpusReport()
     seen: set[int] = set()
-    for item in readers[suffix](path, column):
+    for item in iter_rows(path, column):
         if isinstance(item, BadRow):
             if strict:
                 raise CorpusError(f"{item} (without --strict, bad rows are skipped)")
@@ -131,6 +124,27 @@ def iter_corpus(
     if not report.kept:
         raise CorpusError(f"{path}: no usable text ({report.rows} rows, {report.empty} empty, "
                           f"{len(report.bad_rows)} bad)")
+
+
+def iter_rows(path: str | Path, column: str | None = None) -> Iterator[Row | BadRow | str]:
+    """Every row of a corpus file as (line, text, other columns), or a BadRow, in file order.
+
+    No cleaning or deduplication: `iter_corpus` does that for text corpora; image-caption pairs
+    (`retriever.pairs`) keep repeated captions. The first item is the chosen text column's name
+    (a str), except for .txt files.
+
+    Raises:
+        CorpusError: missing file, unknown format, no such column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise CorpusError(f"{path}: unknown format {suffix!r}; use one of {', '.join(FORMATS)}")
+    readers = {".txt": _read_txt, ".tsv": _read_delimited, ".csv": _read_delimited,
+               ".parquet": _read_parquet, ".jsonl": _read_jsonl}
+    yield from readers[suffix](path, column)
 
 
 def count_rows(path: str | Path) -> int | None:

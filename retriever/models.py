@@ -105,7 +105,7 @@ def pick_device(device: str | None = None) -> str:
 
 
 def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED, device: str | None = None,
-               precision: str = "fp32") -> LoadedModel:
+               precision: str = "fp32", random_weights: bool = False) -> LoadedModel:
     """Load an open_clip model for encoding.
 
     Args:
@@ -116,6 +116,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
         device: `cuda`, `mps`, `cpu`, or None to pick the best available.
         precision: `fp32`, or `fp16` / `bf16` to halve memory and speed up GPUs (outputs are
             still returned as float32).
+        random_weights: the architecture only, freshly initialised (training from scratch).
 
     Raises:
         ModelError: unknown name or tag, missing file, or weights that would need a download
@@ -148,8 +149,14 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
         if name not in open_clip.list_models():
             raise ModelError(f"unknown model {name!r}; `retriever models` lists the available ones")
         open_clip_name = name
-        open_clip_pretrained, fingerprint, kwargs = _resolve_weights(name, pretrained)
+        if random_weights:
+            open_clip_pretrained, fingerprint = None, ""
+        else:
+            open_clip_pretrained, fingerprint, kwargs = _resolve_weights(name, pretrained)
 
+    if random_weights:
+        spec.pretrained, open_clip_pretrained, fingerprint = None, None, f"random:{name}"
+        kwargs = {"load_weights": False}
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             open_clip_name, pretrained=open_clip_pretrained, device=device, precision=precision, **kwargs
@@ -157,7 +164,9 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
         tokenizer = open_clip.get_tokenizer(open_clip_name)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load {spec}: {e}") from e
-    return wrap_model(spec, model, preprocess, tokenizer, fingerprint, device)
+    loaded = wrap_model(spec, model, preprocess, tokenizer, fingerprint, device)
+    loaded.extra.update(open_clip_name=open_clip_name, quick_gelu=bool(kwargs.get("force_quick_gelu")))
+    return loaded
 
 
 def wrap_model(spec: ModelSpec, model: Any, preprocess: Any, tokenizer: Any, fingerprint: str, device: str) -> LoadedModel:

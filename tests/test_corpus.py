@@ -105,7 +105,7 @@ def test_unreadable_inputs(tmp_path):
     with pytest.raises(CorpusError, match="no such file"):
         read_corpus(tmp_path / "missing.tsv")
     (tmp_path / "c.xlsx").write_text("x")
-    with pytest.raises(CorpusError, match="unknown corpus format"):
+    with pytest.raises(CorpusError, match="unknown format"):
         read_corpus(tmp_path / "c.xlsx")
     (tmp_path / "c.parquet").write_text("not parquet")
     with pytest.raises(CorpusError, match="not a readable parquet"):
