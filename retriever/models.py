@@ -164,6 +164,14 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
         tokenizer = open_clip.get_tokenizer(open_clip_name)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load {spec}: {e}") from e
+    decoder = getattr(model, "text_decoder", None)
+    if random_weights and getattr(decoder, "text_projection", None) is not None:
+        # open_clip's CoCa decoder (MultimodalTransformer) leaves its output projection as
+        # torch.empty garbage (its init_parameters is never called, and fails if called): training
+        # from it gives NaN. Initialise it as that method means to.
+        import torch
+
+        torch.nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
     loaded = wrap_model(spec, model, preprocess, tokenizer, fingerprint, device)
     loaded.extra.update(open_clip_name=open_clip_name, quick_gelu=bool(kwargs.get("force_quick_gelu")))
     return loaded

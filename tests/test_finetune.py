@@ -194,3 +194,33 @@ def test_cli_runs_reports_and_fails_cleanly(data, tmp_path):
     assert result.exit_code == 1 and "needs a CUDA device" in result.stderr
     result = runner.invoke(app, [*args, "--overwrite", "--batch-size", "1"])
     assert result.exit_code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["ViT-B-32", "coca_ViT-B-32"])
+def test_full_size_models_fine_tune_on_cpu(arch, tmp_path):
+    """Real architectures (random weights saved as a checkpoint file, as no hub is reachable):
+    the loop runs, and the output loads both as local-dir: and as --model ARCH --pretrained FILE."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    start = tmp_path / "start.safetensors"
+    model = load_model(arch, device="cpu", random_weights=True).model  # CoCa's decoder initialised, unlike open_clip's
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(start))
+    train = write_pairs(tmp_path, 8, seed=7)
+    losses, on_event = step_losses()
+    options = TrainOptions(epochs=1, batch_size=4, lr=1e-5, workers=0, contrastive_loss_weight=1.0)
+    result = finetune(train, tmp_path / "out", arch, str(start), options=options, on_event=on_event, show_progress_bar=False)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and result.epochs[0].steps == 2
+    weights = tmp_path / "out" / "open_clip_model.safetensors"
+    before, after = load_file(start), load_file(weights)
+    assert set(before) == set(after) and any(not torch.equal(before[k], after[k]) for k in before)
+    for loaded in (load_model(f"local-dir:{tmp_path / 'out'}", device="cpu"), load_model(arch, str(weights), device="cpu")):
+        assert type(loaded.model).__name__ == ("CoCa" if arch.startswith("coca") else "CLIP")
+        assert all(torch.equal(after[k], v) for k, v in loaded.model.state_dict().items())
+
+
+def test_from_scratch_coca_has_no_uninitialised_weights():
+    coca = load_model("toyworld-coca", device="cpu", random_weights=True).model
+    projection = coca.text_decoder.text_projection
+    assert torch.isfinite(projection).all() and 0.5 < projection.std().item() * projection.shape[0] ** 0.5 < 2
