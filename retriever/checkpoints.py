@@ -54,6 +54,23 @@ def save_model_dir(model: Any, config: dict, directory: str | Path, info: dict |
     return directory
 
 
+def publish_model_dir(source: str | Path, directory: str | Path) -> Path:
+    """Make `directory` hold the model of folder `source` (hard links where the disk allows)."""
+    import shutil
+
+    source, directory = Path(source), Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):  # weights first: the config marks a complete folder
+        tmp = directory / f".{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source / name, tmp)
+        except OSError:
+            shutil.copy2(source / name, tmp)
+        os.replace(tmp, directory / name)
+    return directory
+
+
 def save_state(path: str | Path, state: dict) -> None:
     """Atomically save the training state (model, optimizer, position) for `--resume`."""
     import torch

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from retriever.checkpoints import STATE_NAME, load_state, model_config, save_model_dir, save_state
+from retriever.checkpoints import STATE_NAME, load_state, model_config, publish_model_dir, save_model_dir, save_state
 from retriever.errors import ModelError, RetrieverError
 from retriever.pairs import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, Pairs, PairsReport, read_pairs
 
@@ -256,8 +256,7 @@ def finetune(
             history.append(report)
             info = {"epochs": options.epochs, "data": data_id, "model": {"name": model, "pretrained": pretrained},
                     "report": asdict(report)}
-            save_model_dir(net, config, out / "checkpoints" / f"epoch_{report.epoch}", info)
-            save_model_dir(net, config, out, info)
+            publish_model_dir(save_model_dir(net, config, out / "checkpoints" / f"epoch_{report.epoch}", info), out)
             save_state(state_path, snapshot())
             last_save = time.perf_counter()
             _write_summary(out, result())
