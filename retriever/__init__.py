@@ -25,6 +25,9 @@ _LAZY = {
     "load_image": "retriever.images",
     "Captioner": "retriever.captioner",
     "DecodeOptions": "retriever.decoding",
+    "Interrogator": "retriever.interrogate",
+    "TrainOptions": "retriever.finetune",
+    "convert_coco": "retriever.coco",
 }
 
 __all__ = ["CorpusError", "ImageError", "IndexFormatError", "ModelError", "RetrieverError", *_LAZY]
@@ -33,10 +36,13 @@ if TYPE_CHECKING:  # noqa: F401 (names for type checkers; loaded lazily below)
     from retriever.api import Hit, Retriever
     from retriever.build import build_index
     from retriever.captioner import Captioner
+    from retriever.coco import convert_coco
     from retriever.corpus import read_corpus
     from retriever.decoding import DecodeOptions
     from retriever.encoder import Encoder
+    from retriever.finetune import TrainOptions
     from retriever.images import load_image
+    from retriever.interrogate import Interrogator
     from retriever.models import list_models, load_model
 
 

@@ -15,3 +15,11 @@ echo "== captions written by the bundled toy CoCa, then hybrid mode: retrieved a
 echo "   (a generated caption that the index already holds is listed once, as retrieved)"
 $R caption indexes/demo-images --generator toyworld-coca
 $R query indexes/demo-images --mode hybrid --always-generate --generator toyworld-coca --index indexes/toyworld -k 3
+echo "== your own data: fine-tune the toy CLIP on fresh toy images (filepath/title TSV), then index and query with it"
+$R toy-images indexes/demo-train -n 256 --seed 7
+$R finetune indexes/demo-train/captions.tsv --model toyworld --out indexes/demo-model --epochs 1 --batch-size 32 --overwrite
+$R build-index examples/toyworld.tsv --model local-dir:indexes/demo-model --out indexes/toyworld-tuned --overwrite
+$R query examples/red_star.png --index indexes/toyworld-tuned -k 3
+echo "== a clip-interrogator-style prompt (the first run embeds ~112k labels into ~/.cache/retriever; the toy"
+echo "   model knows shapes and colours, not art styles, so only the caption part is meaningful here)"
+$R interrogate examples/red_star.png --model toyworld --caption-model toyworld-coca --mode fast
