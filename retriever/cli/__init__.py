@@ -1,0 +1,23 @@
+"""The `retriever` command line: a thin layer over the library, one module per group of commands."""
+
+from __future__ import annotations
+
+import sys
+
+from retriever.cli.common import app, stderr
+
+# Importing a group registers its commands; --help lists them in this order.
+from retriever.cli import search  # noqa: E402,F401,I001
+from retriever.cli import training  # noqa: E402,F401,I001
+from retriever.cli import prompts  # noqa: E402,F401,I001
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        stderr("interrupted (an interrupted build-index resumes where it stopped when run again)")
+        sys.exit(130)

@@ -1,0 +1,90 @@
+"""Shared pieces of the command line: the app, option types, error handling and output.
+
+Results go to stdout (a table, or one JSON object per line with --json); progress, warnings and
+errors go to stderr. Library errors exit 1 with one line; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from retriever.errors import RetrieverError
+
+app = typer.Typer(
+    help="Caption ideas for images: CLIP retrieval over your own text corpus.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+DEFAULT_INDEX_ROOT = Path("indexes")
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="toyworld (bundled, offline), an open_clip name like ViT-B-32, hf-hub:ORG/NAME or local-dir:PATH.")]
+PretrainedOpt = Annotated[Optional[str], typer.Option(help="Pretrained tag (e.g. laion2b_s34b_b79k) or a checkpoint file, for an open_clip name.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda, mps or cpu; default: the best available.")]
+PrecisionOpt = Annotated[str, typer.Option(help="fp32, or fp16/bf16 (for GPUs).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")]
+
+
+def friendly_errors(command):
+    """Library errors become `error: ...` on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RetrieverError as e:
+            stderr(f"error: {e}")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def emit_json(obj: dict) -> None:
+    print(json.dumps(obj, ensure_ascii=False, default=str), flush=True)
+
+
+GeneratorOpt = Annotated[Optional[str], typer.Option(help="CoCa model that writes captions: toyworld-coca, or NAME:TAG (default for generate/hybrid: coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k).")]
+DecodingOpt = Annotated[str, typer.Option(help="greedy, beam, top_k or top_p.")]
+BeamsOpt = Annotated[int, typer.Option(min=2, help="Beams for beam search.")]
+BeamGroupsOpt = Annotated[int, typer.Option(min=1, help="Beam groups (beams must divide into them).")]
+TopKOpt = Annotated[int, typer.Option(min=1, help="Sample among the K likeliest tokens (top_k).")]
+TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Sample from the smallest set with this probability (top_p).")]
+TemperatureOpt = Annotated[float, typer.Option(min=0.01, help="Sampling temperature.")]
+MinLenOpt = Annotated[int, typer.Option(min=1, help="No end of caption before this many tokens (start token included).")]
+MaxLenOpt = Annotated[int, typer.Option(min=2, help="At most this many tokens (capped by the model's context).")]
+RepetitionOpt = Annotated[float, typer.Option(min=0.01, help="Repetition penalty (1 = none).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.")]
+NGenerateOpt = Annotated[int, typer.Option(min=1, help="Captions to generate per image.")]
+
+
+def find_index(index: Path | None) -> Path:
+    if index is not None:
+        return index
+    candidates = sorted(p for p in DEFAULT_INDEX_ROOT.glob("*") if (p / "manifest.json").is_file()) if DEFAULT_INDEX_ROOT.is_dir() else []
+    if len(candidates) == 1:
+        return candidates[0]
+    found = ", ".join(str(c) for c in candidates) or "none"
+    raise RetrieverError(f"name the index with --index (indexes found under {DEFAULT_INDEX_ROOT}/: {found})")
+
+
+def print_table(rows: list[tuple[str, int, float | None, str, str]], with_source: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("query", "rank", "score", *(["source"] if with_source else []), "text")
+    for label, rank, score, source, text in rows:
+        table.add_row(label if rank == 1 else "", str(rank), "-" if score is None else f"{score:.3f}",
+                      *([source] if with_source else []), text)
+    # Piped output keeps each hit on one line, however long, so grep and cut work on it.
+    Console(width=None if sys.stdout.isatty() else 100_000).print(table)

@@ -1,0 +1,324 @@
+"""Commands that build indexes and answer queries: build-index, query, caption, info, models,
+serve, toy-images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from retriever.cli.common import (
+    DEFAULT_INDEX_ROOT,
+    BeamGroupsOpt,
+    BeamsOpt,
+    DecodingOpt,
+    DeviceOpt,
+    GeneratorOpt,
+    JsonOpt,
+    MaxLenOpt,
+    MinLenOpt,
+    ModelOpt,
+    NGenerateOpt,
+    PrecisionOpt,
+    PretrainedOpt,
+    RepetitionOpt,
+    SeedOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+    app,
+    emit_json,
+    find_index,
+    friendly_errors,
+    json,
+    print_table,
+    stderr,
+)
+from retriever.errors import ImageError, RetrieverError
+
+
+@app.command("build-index")
+@friendly_errors
+def build_index_cmd(
+    corpus: Annotated[Path, typer.Argument(help="Corpus file: .txt, .tsv, .csv, .parquet or .jsonl.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Index directory (default: indexes/CORPUS_NAME).")] = None,
+    model: ModelOpt = "ViT-B-32",
+    pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+    column: Annotated[Optional[str], typer.Option(help="Text column (default: first of caption, title, text, prompt).")] = None,
+    strict: Annotated[bool, typer.Option(help="Fail on the first bad row instead of skipping it.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 256,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing index at --out.")] = False,
+    index_type: Annotated[str, typer.Option(help="auto (exact for small corpora, tuned ANN for large), flat, hnsw, ivf or ivfpq.")] = "auto",
+    max_memory: Annotated[Optional[str], typer.Option(help="Memory the index may use, e.g. 4G; auto then picks an index that fits.")] = None,
+    recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="Recall@10 vs exact search that ANN indexes are tuned to.")] = 0.95,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Texts per shard: bounds memory; an interrupted build resumes from the last shard.")] = 65536,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = "fp32",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed every text of CORPUS with CLIP's text tower into a FAISS index.
+
+    Example: retriever build-index captions.tsv --model toyworld --out indexes/toy
+    """
+    from retriever.ann import parse_bytes
+    from retriever.build import build_index
+    from retriever.models import load_model
+
+    out = out or DEFAULT_INDEX_ROOT / corpus.stem
+    if out.exists() and not overwrite:
+        raise RetrieverError(f"{out} already exists (use --overwrite to replace it)")
+    loaded = load_model(model, pretrained, device=device, precision=precision)
+
+    bad_rows = 0
+
+    def warn_bad_row(bad) -> None:
+        nonlocal bad_rows
+        bad_rows += 1
+        if not quiet and bad_rows <= 10:
+            stderr(f"warning: skipped {bad}")
+
+    result = build_index(corpus, out, loaded, column=column, strict=strict, batch_size=batch_size,
+                         overwrite=overwrite, show_progress_bar=False if quiet else None, on_bad_row=warn_bad_row,
+                         chunk_size=chunk_size, index_type=index_type, max_memory=parse_bytes(max_memory),
+                         recall_target=recall_target, use_gpu=False if device == "cpu" else None)
+    if bad_rows > 10 and not quiet:
+        stderr(f"warning: ... and {bad_rows - 10} more bad rows")
+    summary = result.as_dict()
+    if as_json:
+        emit_json(summary)
+    elif not quiet:
+        resumed = f", resumed after {result.resumed_shards} finished shards" if result.resumed_shards else ""
+        recall = f", recall@10 {summary['recall_at_10']:.3f} at {summary['search_params']}" if "recall_at_10" in summary else ""
+        stderr(f"indexed {summary['kept']} texts ({summary['embedded']} embedded now{resumed}) in {summary['seconds']}s "
+                f"-> {summary['index']} [{summary['index_type']}{recall}]; skipped {summary['duplicates']} duplicates, "
+                f"{summary['empty']} empty, {summary['bad_rows']} bad rows")
+
+
+@app.command()
+@friendly_errors
+def query(
+    images: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders or globs.", show_default=False)] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="Texts per query.")] = 10,
+    index: Annotated[Optional[Path], typer.Option("--index", "-i", help="Index directory (default: the only one under indexes/).")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", "-t", help="Query with this text instead of images.")] = None,
+    mode: Annotated[str, typer.Option(help="retrieve (indexed texts), generate (captions from --generator) or hybrid (both, reranked).")] = "retrieve",
+    generator: GeneratorOpt = None,
+    min_score: Annotated[Optional[float], typer.Option(help="hybrid: generate when the best retrieved score is below this (default: per model, see README).")] = None,
+    always_generate: Annotated[bool, typer.Option(help="hybrid: generate whatever the retrieved scores.")] = False,
+    n_generate: NGenerateOpt = 1,
+    decoding: DecodingOpt = "beam",
+    beams: BeamsOpt = 6,
+    beam_groups: BeamGroupsOpt = 1,
+    top_k: TopKOpt = 50,
+    top_p: TopPOpt = 0.9,
+    temperature: TemperatureOpt = 1.0,
+    min_len: MinLenOpt = 5,
+    max_len: MaxLenOpt = 30,
+    repetition_penalty: RepetitionOpt = 1.0,
+    seed: SeedOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Override the model recorded in the index (same weights, e.g. a moved checkpoint).")] = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = "fp32",
+    as_json: JsonOpt = False,
+) -> None:
+    """Caption ideas for each image: the K nearest texts of an index, generated captions, or both.
+
+    Example: retriever query cat.jpg photos/ -k 5 --index indexes/coco --json
+    """
+    from retriever.api import MODES, Retriever
+    from retriever.decoding import DecodeOptions
+
+    if mode not in MODES:
+        raise typer.BadParameter(f"choose from {', '.join(MODES)}", param_hint="--mode")
+    if not images and text is None:
+        raise typer.BadParameter("give one or more images, or --text", param_hint="IMAGES")
+    if images and text is not None:
+        raise typer.BadParameter("give images or --text, not both", param_hint="--text")
+    if text is not None and mode != "retrieve":
+        raise typer.BadParameter("--text queries only retrieve", param_hint="--mode")
+    if mode != "retrieve" and generator is None:
+        from retriever.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
+
+        generator = f"{DEFAULT_GENERATOR}:{DEFAULT_GENERATOR_PRETRAINED}"
+    index_path = index if mode == "generate" else find_index(index)
+    retriever = Retriever.open(index_path, model=model, pretrained=pretrained, device=device, precision=precision,
+                               generator=generator if mode != "retrieve" else None)
+    decode = DecodeOptions(decoding, beams, beam_groups, top_k, top_p, temperature, min_len, max_len, repetition_penalty, seed)
+    options = {"mode": mode, "decode": decode, "min_score": min_score, "always_generate": always_generate,
+               "n_generate": n_generate}
+    if not _answer(retriever, images or [], text, k, options, as_json):
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def caption(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.", show_default=False)],
+    generator: GeneratorOpt = None,
+    n: NGenerateOpt = 1,
+    decoding: DecodingOpt = "beam",
+    beams: BeamsOpt = 6,
+    beam_groups: BeamGroupsOpt = 1,
+    top_k: TopKOpt = 50,
+    top_p: TopPOpt = 0.9,
+    temperature: TemperatureOpt = 1.0,
+    min_len: MinLenOpt = 5,
+    max_len: MaxLenOpt = 30,
+    repetition_penalty: RepetitionOpt = 1.0,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = "fp32",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write captions for images with a CoCa model (query --mode generate, without an index).
+
+    Example: retriever caption cat.jpg --beams 6 --generator coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k
+    """
+    from retriever.api import Retriever
+    from retriever.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
+    from retriever.decoding import DecodeOptions
+
+    generator = generator or f"{DEFAULT_GENERATOR}:{DEFAULT_GENERATOR_PRETRAINED}"
+    retriever = Retriever.open(None, device=device, precision=precision, generator=generator)
+    decode = DecodeOptions(decoding, beams, beam_groups, top_k, top_p, temperature, min_len, max_len, repetition_penalty, seed)
+    if not _answer(retriever, images, None, n, {"mode": "generate", "decode": decode, "n_generate": n}, as_json):
+        raise typer.Exit(1)
+
+
+def _answer(retriever, images: list[str], text: str | None, k: int, options: dict, as_json: bool) -> bool:
+    """Query and print results (a table, or JSON lines); returns False if any image failed."""
+    from retriever.images import expand_image_paths, load_image
+
+    rows: list[tuple[str, int, float | None, str, str]] = []
+    ok = True
+
+    def show(label_key: str, label: str, hits) -> None:
+        for rank, hit in enumerate(hits, start=1):
+            if as_json:
+                emit_json({label_key: label, "rank": rank, **hit.to_dict()})
+            else:
+                rows.append((label, rank, hit.score, hit.source, hit.text))
+
+    if text is not None:
+        show("query_text", text, retriever.query_text(text, k=k))
+    paths = expand_image_paths(images)
+    for start in range(0, len(paths), 64):
+        loaded = []
+        for path in paths[start:start + 64]:
+            try:
+                loaded.append((str(path), load_image(path)))
+            except ImageError as e:
+                ok = False
+                stderr(f"error: {e}")
+        if loaded:
+            for (label, _), hits in zip(loaded, retriever.query_many([im for _, im in loaded], k=k, **options)):
+                show("image", label, hits)
+    if rows:
+        print_table(rows, with_source=options.get("mode", "retrieve") != "retrieve")
+    return ok
+
+
+@app.command()
+@friendly_errors
+def info(
+    index: Annotated[Path, typer.Argument(help="Index directory.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Print an index's manifest: model, counts, corpus and versions.
+
+    Example: retriever info indexes/coco
+    """
+    from retriever.index import read_manifest
+
+    manifest = read_manifest(index)
+    if as_json:
+        emit_json(manifest)
+    else:
+        print(json.dumps(manifest, indent=2, ensure_ascii=False))
+
+
+@app.command()
+@friendly_errors
+def models(as_json: JsonOpt = False) -> None:
+    """List the models: bundled ones, and open_clip's pretrained tags (and whether each is downloaded).
+
+    Example: retriever models --json
+    """
+    from retriever.models import list_models
+
+    rows = list_models()
+    if as_json:
+        for row in rows:
+            emit_json(row)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("model", "pretrained", "source", "offline")
+    for row in rows:
+        table.add_row(row["model"], row["pretrained"] or "-", row["source"], "yes" if row["available_offline"] else "no")
+    Console().print(table)
+
+
+@app.command()
+@friendly_errors
+def serve(
+    index: Annotated[Optional[list[Path]], typer.Option("--index", "-i", help="Index directory; repeat for several (named by directory).")] = None,
+    generator: GeneratorOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    max_upload: Annotated[str, typer.Option(help="Largest accepted request body, e.g. 10M.")] = "10M",
+    max_pending: Annotated[int, typer.Option(min=1, help="Queries waiting or running at once; more get 503.")] = 32,
+    device: DeviceOpt = None,
+) -> None:
+    """Serve the HTTP API (POST /v1/query, GET /v1/indexes, /healthz, /openapi.json) and a web page at /.
+
+    Example: retriever serve --index indexes/coco --generator toyworld-coca --port 8000
+    """
+    from retriever.ann import parse_bytes
+    from retriever.api import Retriever
+    from retriever.server import ServerSettings, create_app
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise RetrieverError("the server needs its extra: pip install 'retriever[serve]'") from None
+    if not index and not generator:
+        raise typer.BadParameter("give at least one --index, or a --generator", param_hint="--index")
+    shared_generator = Retriever.open(None, device=device, generator=generator).generator if generator else None
+    retrievers = {}
+    for path in index or []:
+        if path.name in retrievers:
+            raise RetrieverError(f"two indexes are named {path.name!r}; rename one directory")
+        retrievers[path.name] = Retriever.open(path, device=device, generator=shared_generator)
+    if not retrievers:
+        retrievers["generator"] = Retriever.open(None, generator=shared_generator)
+    settings = ServerSettings(max_upload_bytes=parse_bytes(max_upload), max_pending=max_pending)
+    stderr(f"serving {', '.join(retrievers)} on http://{host}:{port}/")
+    uvicorn.run(create_app(retrievers, settings), host=host, port=port, log_level="warning")
+
+
+@app.command("toy-images")
+@friendly_errors
+def toy_images(
+    out: Annotated[Path, typer.Argument(help="Folder to write PNGs and captions.tsv into.")],
+    n: Annotated[int, typer.Option("-n", min=1, help="How many images.")] = 8,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write toy-world images (the world the bundled model knows) with a captions.tsv.
+
+    Example: retriever toy-images demo/ -n 4
+    """
+    from retriever import toyworld
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["filepath\ttitle"]
+    for i, (image, caption) in enumerate(toyworld.sample(n, seed=seed)):
+        name = f"{i:04d}_{caption.replace(' ', '_')}.png"
+        image.save(out / name)
+        lines.append(f"{name}\t{caption}")
+    (out / "captions.tsv").write_text("\n".join(lines) + "\n")
+    stderr(f"wrote {n} images and captions.tsv to {out}")
