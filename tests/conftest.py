@@ -48,3 +48,19 @@ def toy_images(tmp_path):
         toyworld.render(scene, seed=1000 + i).save(path)
         pairs.append((path, scene.caption))
     return pairs
+
+
+@pytest.fixture
+def run():
+    """`run("query", ...)`: the real CLI in-process; returns click's Result (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from retriever.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+

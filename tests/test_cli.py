@@ -1,20 +1,7 @@
 import json
 
-import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from retriever.cli import app
-
-
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
 
 
 def test_build_index_then_query_table(run, tmp_path, toy_corpus, toy_images):

@@ -12,10 +12,8 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from retriever import toyworld
-from retriever.cli import app
 from retriever.encoder import Encoder
 from retriever.errors import IndexFormatError, MissingExtraError, RetrieverError
 from retriever.interrogate import Interrogator
@@ -266,16 +264,6 @@ def coca_colours(tmp_path_factory):
 def test_table_from_another_model_is_an_error(toy_model, coca_colours):
     with pytest.raises(IndexFormatError, match="built with toyworld-coca, not toyworld"):
         load_table("colours", coca_colours, toy_model)
-
-
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
 
 
 TOY = ("--model", "toyworld", "--builtin", "mediums,movements")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from retriever.cli.common import app, stderr
-
 # Importing a group registers its commands; --help lists them in this order.
-from retriever.cli import search  # noqa: E402,F401,I001
-from retriever.cli import training  # noqa: E402,F401,I001
-from retriever.cli import prompts  # noqa: E402,F401,I001
+from retriever.cli import (
+    prompts,  # noqa: E402,F401,I001
+    search,  # noqa: E402,F401,I001
+    training,  # noqa: E402,F401,I001
+)
+from retriever.cli.common import app, stderr
 
 __all__ = ["app", "main"]
 

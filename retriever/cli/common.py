@@ -88,3 +88,34 @@ def print_table(rows: list[tuple[str, int, float | None, str, str]], with_source
                       *([source] if with_source else []), text)
     # Piped output keeps each hit on one line, however long, so grep and cut work on it.
     Console(width=None if sys.stdout.isatty() else 100_000).print(table)
+
+
+class ImageBatches:
+    """Images named by files, folders or globs, loaded `size` at a time as (label, image) pairs.
+
+    An unreadable image prints `error: FILE: reason` and is left out (`failed` is then True), so
+    one bad file never stops the others.
+    """
+
+    def __init__(self, images: list[str], size: int = 64):
+        from retriever.images import expand_image_paths
+
+        self.paths = expand_image_paths(images)
+        self.size = size
+        self.failed = False
+
+    def __iter__(self):
+        from retriever.errors import ImageError
+        from retriever.images import load_image
+
+        for start in range(0, len(self.paths), self.size):
+            batch = []
+            for path in self.paths[start:start + self.size]:
+                try:
+                    batch.append((str(path), load_image(path)))
+                except ImageError as e:
+                    self.failed = True
+                    stderr(f"error: {e}")
+            if batch:
+                yield batch
+

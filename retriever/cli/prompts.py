@@ -9,6 +9,7 @@ import typer
 
 from retriever.cli.common import (
     DeviceOpt,
+    ImageBatches,
     JsonOpt,
     ModelOpt,
     PrecisionOpt,
@@ -18,7 +19,7 @@ from retriever.cli.common import (
     friendly_errors,
     stderr,
 )
-from retriever.errors import ImageError, RetrieverError
+from retriever.errors import RetrieverError
 
 BuiltinOpt = Annotated[str, typer.Option(help="clip-interrogator tables, comma-separated (artists, flavors, mediums, movements, trendings, negative), all or none.")]
 CacheDirOpt = Annotated[Optional[Path], typer.Option(help="Where tables are cached (default: $RETRIEVER_CACHE, else $XDG_CACHE_HOME/retriever or ~/.cache/retriever).")]
@@ -52,7 +53,6 @@ def interrogate(
 
     Example: retriever interrogate cat.jpg --mode fast --model toyworld --caption-model toyworld-coca
     """
-    from retriever.images import expand_image_paths, load_image
     from retriever.interrogate import MODES, Interrogator
 
     if mode not in MODES:
@@ -80,18 +80,8 @@ def interrogate(
         precision=precision, caption_model=caption_model if mode != "negative" else None,
         caption_index=index if mode != "negative" else None, flavor_intermediate_count=intermediate_count,
         show_progress_bar=False if quiet else None, on_embed=note_embedding)
-    paths = expand_image_paths(images)
-    ok = True
-    for start in range(0, len(paths), 64):
-        loaded_images = []
-        for path in paths[start:start + 64]:
-            try:
-                loaded_images.append((str(path), load_image(path)))
-            except ImageError as e:
-                ok = False
-                stderr(f"error: {e}")
-        if not loaded_images:
-            continue
+    batches = ImageBatches(images)
+    for loaded_images in batches:
         results = interrogator.interrogate_many([im for _, im in loaded_images], mode=mode, caption="" if no_caption else caption,
                                                 min_flavors=min_flavors, max_flavors=max_flavors)
         for (label, _), result in zip(loaded_images, results):
@@ -99,8 +89,8 @@ def interrogate(
             if as_json:
                 emit_json(result.to_dict())
             else:
-                print(result.prompt if len(paths) == 1 else f"{label}\t{result.prompt}", flush=True)
-    if not ok:
+                print(result.prompt if len(batches.paths) == 1 else f"{label}\t{result.prompt}", flush=True)
+    if batches.failed:
         raise typer.Exit(1)
 
 

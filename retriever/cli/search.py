@@ -15,6 +15,7 @@ from retriever.cli.common import (
     DecodingOpt,
     DeviceOpt,
     GeneratorOpt,
+    ImageBatches,
     JsonOpt,
     MaxLenOpt,
     MinLenOpt,
@@ -35,7 +36,7 @@ from retriever.cli.common import (
     print_table,
     stderr,
 )
-from retriever.errors import ImageError, RetrieverError
+from retriever.errors import RetrieverError
 
 
 @app.command("build-index")
@@ -190,10 +191,7 @@ def caption(
 
 def _answer(retriever, images: list[str], text: str | None, k: int, options: dict, as_json: bool) -> bool:
     """Query and print results (a table, or JSON lines); returns False if any image failed."""
-    from retriever.images import expand_image_paths, load_image
-
     rows: list[tuple[str, int, float | None, str, str]] = []
-    ok = True
 
     def show(label_key: str, label: str, hits) -> None:
         for rank, hit in enumerate(hits, start=1):
@@ -204,21 +202,13 @@ def _answer(retriever, images: list[str], text: str | None, k: int, options: dic
 
     if text is not None:
         show("query_text", text, retriever.query_text(text, k=k))
-    paths = expand_image_paths(images)
-    for start in range(0, len(paths), 64):
-        loaded = []
-        for path in paths[start:start + 64]:
-            try:
-                loaded.append((str(path), load_image(path)))
-            except ImageError as e:
-                ok = False
-                stderr(f"error: {e}")
-        if loaded:
-            for (label, _), hits in zip(loaded, retriever.query_many([im for _, im in loaded], k=k, **options)):
-                show("image", label, hits)
+    batches = ImageBatches(images)
+    for batch in batches:
+        for (label, _), hits in zip(batch, retriever.query_many([im for _, im in batch], k=k, **options)):
+            show("image", label, hits)
     if rows:
         print_table(rows, with_source=options.get("mode", "retrieve") != "retrieve")
-    return ok
+    return not batches.failed
 
 
 @app.command()
