@@ -16,7 +16,7 @@ from retriever.encoder import Encoder
 from retriever.errors import IndexFormatError, RetrieverError
 from retriever.images import load_image
 from retriever.index import TextIndex, read_index, read_manifest
-from retriever.models import LoadedModel, load_model
+from retriever.models import LoadedModel, load_model, split_model_ref
 
 if TYPE_CHECKING:
     import numpy as np
@@ -90,8 +90,8 @@ class Retriever:
             raise RetrieverError("give an index to retrieve from, or a generator to write captions")
         loaded_gen = generator if isinstance(generator, LoadedModel) else None
         if isinstance(generator, str):
-            name, _, tag = generator.partition(":") if not generator.startswith(("hf-hub:", "local-dir:")) else (generator, "", "")
-            loaded_gen = load_model(name, generator_pretrained or tag or None, device=device, precision=precision)
+            name, tag = split_model_ref(generator)
+            loaded_gen = load_model(name, generator_pretrained or tag, device=device, precision=precision)
         if loaded_gen is not None:
             from retriever.captioner import Captioner
 

@@ -252,8 +252,8 @@ def finetune(
             report = EpochReport(epoch + 1, len(losses), sum(losses) / max(1, len(losses)), round(time.perf_counter() - epoch_start, 1))
             if val_pairs is not None:
                 _evaluate(loaded, loss_fn, val_pairs, options, coca, autocast, report)
-            epoch, batch_in_epoch, losses = epoch + 1, 0, []
-            history.append(report)
+            # One statement: a Ctrl-C cannot land between recording the epoch and moving past it.
+            history, epoch, batch_in_epoch, losses = [*history, report], epoch + 1, 0, []
             info = {"epochs": options.epochs, "data": data_id, "model": {"name": model, "pretrained": pretrained},
                     "report": asdict(report)}
             publish_model_dir(save_model_dir(net, config, out / "checkpoints" / f"epoch_{report.epoch}", info), out)

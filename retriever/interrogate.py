@@ -36,7 +36,7 @@ from retriever.label_tables import (
     parse_builtin,
     rank_tables,
 )
-from retriever.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedModel, load_model
+from retriever.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedModel, load_model, split_model_ref
 
 if TYPE_CHECKING:
     import numpy as np
@@ -370,11 +370,8 @@ def _load_generator(generator: str | LoadedModel, device: str | None, precision:
     """A CoCa model from `toyworld-coca`, `NAME:TAG`, `hf-hub:...` or `local-dir:...` (as `query --generator`)."""
     if isinstance(generator, LoadedModel):
         return generator
-    if generator.startswith(("hf-hub:", "local-dir:")):
-        name, tag = generator, ""
-    else:
-        name, _, tag = generator.partition(":")
-    return load_model(name, tag or None, device=device, precision=precision)
+    name, tag = split_model_ref(generator)
+    return load_model(name, tag, device=device, precision=precision)
 
 
 def _open_caption_index(path: str | Path, model: LoadedModel, device: str | None, precision: str) -> Any:

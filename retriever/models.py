@@ -177,6 +177,14 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     return loaded
 
 
+def split_model_ref(ref: str) -> tuple[str, str | None]:
+    """`NAME:TAG` (as `--generator` takes it) into (name, tag); `hf-hub:` and `local-dir:` names have no tag."""
+    if ref.startswith(("hf-hub:", "local-dir:")):
+        return ref, None
+    name, _, tag = ref.partition(":")
+    return name, tag or None
+
+
 def wrap_model(spec: ModelSpec, model: Any, preprocess: Any, tokenizer: Any, fingerprint: str, device: str) -> LoadedModel:
     """A LoadedModel around an open_clip model built elsewhere (benchmarks, training)."""
     model.eval()

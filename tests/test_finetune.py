@@ -90,13 +90,13 @@ def test_coca_fine_tune_reports_exact_match_and_writes_captions(tmp_path):
     result = finetune(train, tmp_path / "coca", "toyworld-coca", val=val, options=options, show_progress_bar=False)
     (report,) = result.epochs
     assert report.exact_match is not None and report.exact_match >= 0.9
-    from retriever.captioner import Captioner
-    from retriever.images import load_image
+    from retriever.api import Retriever
     from retriever.pairs import read_pairs
 
     pairs = read_pairs(val)
-    written = Captioner(load_model(f"local-dir:{tmp_path / 'coca'}", device="cpu")).caption([load_image(pairs.images[0])])
-    assert written == [pairs.captions[0]]
+    writer = Retriever.open(generator=f"local-dir:{tmp_path / 'coca'}", device="cpu")  # as `--generator local-dir:OUT`
+    (hit,) = writer.query(pairs.images[0], k=1, mode="generate")
+    assert hit.text == pairs.captions[0] and hit.source == "generated"
 
 
 def test_bad_rows_and_unreadable_images_are_reported_and_skipped(tmp_path):
