@@ -69,11 +69,12 @@ class TrainOptions:
 
 @dataclass
 class EpochReport:
-    """What one epoch did, and how the model scored on the validation pairs after it."""
+    """What one epoch did, and how the model scored on the validation pairs after it (epoch 0:
+    the starting model, before any training)."""
 
     epoch: int
     steps: int
-    train_loss: float
+    train_loss: float | None
     seconds: float
     val_loss: float | None = None
     recall_at_1: float | None = None
@@ -92,9 +93,11 @@ class FinetuneResult:
     unreadable_images: list[str] = field(default_factory=list)
     resumed_at: tuple[int, int] | None = None  # (epoch, step in epoch) a resumed run started from
     seconds: float = 0.0
+    before: EpochReport | None = None  # the validation scores of the starting model
 
     def as_dict(self) -> dict:
-        return {"out": str(self.out), "model": self.model, "epochs": [asdict(e) for e in self.epochs],
+        return {"out": str(self.out), "model": self.model,
+                "before": asdict(self.before) if self.before else None, "epochs": [asdict(e) for e in self.epochs],
                 "train": self.train.as_dict(), "val": self.val.as_dict() if self.val else None,
                 "unreadable_images": len(self.unreadable_images), "resumed_at": self.resumed_at,
                 "seconds": round(self.seconds, 1)}
@@ -203,6 +206,11 @@ def finetune(
         history = [EpochReport(**e) for e in state["history"]]
         unreadable, elapsed = list(state["unreadable"]), state["seconds"]
     resumed_at = (epoch, batch_in_epoch) if state is not None else None
+    before = EpochReport(**state["before"]) if state is not None and state.get("before") else None
+    if val_pairs is not None and state is None:
+        before = EpochReport(0, 0, None, 0.0)
+        _evaluate(loaded, loss_fn, val_pairs, options, coca, autocast, before)
+        emit("epoch", asdict(before))
 
     def snapshot() -> dict:
         return {"model": {"name": model, "pretrained": pretrained, "from_scratch": from_scratch},
@@ -211,12 +219,13 @@ def finetune(
                 "model_state": net.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "history": [asdict(e) for e in history], "unreadable": unreadable,
+                "before": asdict(before) if before else None,
                 "seconds": elapsed + time.perf_counter() - started}
 
     def result() -> FinetuneResult:
         return FinetuneResult(out, str(loaded.spec) + (" from scratch" if from_scratch else ""), history, pairs.report,
                               val_pairs.report if val_pairs else None, unreadable, resumed_at,
-                              elapsed + time.perf_counter() - started)
+                              elapsed + time.perf_counter() - started, before)
 
     workers = options.workers if options.workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
     dataset = _PairDataset(pairs, train_transform, loaded.tokenizer)

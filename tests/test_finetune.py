@@ -67,6 +67,8 @@ def test_short_run_from_toy_weights_keeps_heldout_recall(data, tmp_path):
     result = finetune(data["train"], out, "toyworld", val=data["val"], options=options, show_progress_bar=False)
     (report,) = result.epochs
     assert report.recall_at_1 >= 0.9 and report.val_loss is not None and report.exact_match is None
+    # The starting model is scored too, so the effect of fine-tuning is visible.
+    assert result.before.epoch == 0 and result.before.recall_at_1 >= 0.9 and result.before.train_loss is None
 
     # The output is a model folder the rest of the project loads, and it is the trained model.
     tuned = load_model(f"local-dir:{out}", device="cpu")

@@ -99,7 +99,10 @@ def finetune(
 
 
 def _epoch_line(report: dict) -> str:
-    parts = [f"epoch {report['epoch']}: train loss {report['train_loss']:.4f} ({report['steps']} steps, {report['seconds']}s)"]
+    if report["epoch"] == 0:
+        parts = ["before training"]
+    else:
+        parts = [f"epoch {report['epoch']}: train loss {report['train_loss']:.4f} ({report['steps']} steps, {report['seconds']}s)"]
     for key, label in (("val_loss", "val loss"), ("recall_at_1", "R@1"), ("exact_match", "exact match")):
         if report.get(key) is not None:
             parts.append(f"{label} {report[key]:.4f}")
