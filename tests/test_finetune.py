@@ -226,3 +226,46 @@ def test_from_scratch_coca_has_no_uninitialised_weights():
     coca = load_model("toyworld-coca", device="cpu", random_weights=True).model
     projection = coca.text_decoder.text_projection
     assert torch.isfinite(projection).all() and 0.5 < projection.std().item() * projection.shape[0] ** 0.5 < 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_command_line_then_resume(data, tmp_path):
+    """A real SIGINT to `retriever finetune` mid-run: exit 130 with a hint, state saved; the same
+    command with --resume carries on from there."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "retriever", "finetune", str(data["train"]), "--out", str(out), "--model", "toyworld",
+           "--batch-size", "32", "--workers", "1", "--epochs", "100"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "epoch_1").is_dir():
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 2
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted: the state is saved; add --resume" in stderr and "Traceback" not in stderr
+    state = torch.load(out / "checkpoints" / "state.pt", weights_only=False)
+    done = state["epoch"]
+    assert 1 <= done < 100
+
+    resumed = subprocess.run([*cmd[:-1], str(done + 1), "--resume", "--json"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert [e["epoch"] for e in summary["epochs"]] == list(range(1, done + 2))
+    assert summary["resumed_at"][0] == done
+
+
+def test_state_is_saved_every_checkpoint_interval(data, tmp_path):
+    events = []
+    options = TrainOptions(epochs=1, batch_size=64, workers=0, checkpoint_minutes=0)
+    finetune(data["train"], tmp_path / "out", "toyworld", options=options, show_progress_bar=False,
+             on_event=lambda kind, d: events.append((kind, d)))
+    saved = [d["step"] for kind, d in events if kind == "checkpoint"]
+    assert saved == [1, 2, 3]  # with a zero interval, after every step (and again at the epoch end)
