@@ -155,10 +155,7 @@ def finetune(
     options = options or TrainOptions()
     options.check()
     device = pick_device(device)
-    precision = "amp" if options.precision == "auto" and device.startswith("cuda") else options.precision
-    precision = "fp32" if precision == "auto" else precision
-    if precision == "amp" and not device.startswith("cuda"):
-        raise RetrieverError("precision amp needs a CUDA device; use fp32 or bf16")
+    autocast, scaler = _mixed_precision(options.precision, device)
     out = Path(out)
     emit = on_event or (lambda kind, details: None)
     state_path = out / "checkpoints" / STATE_NAME
@@ -188,9 +185,6 @@ def finetune(
     from open_clip_train.scheduler import cosine_lr
 
     schedule = cosine_lr(optimizer, options.lr, warmup, total_steps)
-    amp_dtype = torch.float16 if precision == "amp" and not torch.cuda.is_bf16_supported() else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if precision == "amp" and amp_dtype == torch.float16 else None
-    autocast = (lambda: torch.autocast(device.split(":")[0], dtype=amp_dtype)) if precision in ("amp", "bf16") else nullcontext
 
     history: list[EpochReport] = []
     unreadable: list[str] = []
@@ -274,6 +268,23 @@ def finetune(
         save_state(state_path, snapshot())
         raise
     return result()
+
+
+def _mixed_precision(precision: str, device: str) -> tuple[Callable[[], Any], Any]:
+    """(autocast context factory, gradient scaler or None) for a precision setting on a device."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    if precision == "auto":
+        precision = "amp" if cuda else "fp32"
+    if precision == "fp32":
+        return nullcontext, None
+    if precision == "amp" and not cuda:
+        raise RetrieverError("precision amp needs a CUDA device; use fp32 or bf16")
+    # amp: bf16 where the GPU has it (no scaler needed), else fp16 with a gradient scaler.
+    dtype = torch.bfloat16 if precision == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return (lambda: torch.autocast(device.split(":")[0], dtype=dtype)), scaler
 
 
 class _PairDataset:

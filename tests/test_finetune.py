@@ -269,3 +269,12 @@ def test_state_is_saved_every_checkpoint_interval(data, tmp_path):
              on_event=lambda kind, d: events.append((kind, d)))
     saved = [d["step"] for kind, d in events if kind == "checkpoint"]
     assert saved == [1, 2, 3]  # with a zero interval, after every step (and again at the epoch end)
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    """The mixed-precision code path (autocast) on the CPU; CUDA's amp path needs a GPU."""
+    train = write_pairs(tmp_path, 32, seed=8)
+    losses, on_event = step_losses()
+    finetune(train, tmp_path / "out", "toyworld", options=TrainOptions(epochs=1, batch_size=16, precision="bf16", workers=0),
+             on_event=on_event, show_progress_bar=False)
+    assert len(losses) == 2 and all(math.isfinite(x) and x < 1.0 for x in losses)

@@ -44,6 +44,7 @@ def finetune(
     train_precision: Annotated[str, typer.Option("--precision", help="auto (amp on CUDA, else fp32), fp32, amp or bf16.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for data order and augmentation.")] = 0,
     checkpoint_minutes: Annotated[float, typer.Option(min=0.0, help="Save the resumable state this often (also each epoch and on Ctrl-C).")] = 10.0,
+    eval_images: Annotated[int, typer.Option(min=1, help="Held-out images scored for R@1 and exact match after each epoch.")] = 500,
     device: DeviceOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")] = False,
     as_json: JsonOpt = False,
@@ -59,7 +60,8 @@ def finetune(
 
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, wd=wd,
                            caption_loss_weight=caption_loss_weight, contrastive_loss_weight=contrastive_loss_weight,
-                           precision=train_precision, workers=workers, seed=seed, checkpoint_minutes=checkpoint_minutes)
+                           precision=train_precision, workers=workers, seed=seed, checkpoint_minutes=checkpoint_minutes,
+                           eval_images=eval_images)
     warned = {"bad_row": 0, "unreadable_image": 0}
     show_bar = False if quiet else None
     last_line = [_time.monotonic()]
