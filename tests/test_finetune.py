@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -220,6 +221,7 @@ def test_full_size_models_fine_tune_on_cpu(arch, tmp_path):
     for loaded in (load_model(f"local-dir:{tmp_path / 'out'}", device="cpu"), load_model(arch, str(weights), device="cpu")):
         assert type(loaded.model).__name__ == ("CoCa" if arch.startswith("coca") else "CLIP")
         assert all(torch.equal(after[k], v) for k, v in loaded.model.state_dict().items())
+    shutil.rmtree(tmp_path)  # a few GB (weights, optimizer state): pytest would keep them for three runs
 
 
 def test_from_scratch_coca_has_no_uninitialised_weights():
