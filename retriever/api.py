@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from retriever.encoder import Encoder
-from retriever.errors import IndexFormatError, RetrieverError
+from retriever.errors import RetrieverError
 from retriever.images import load_image
-from retriever.index import TextIndex, read_index, read_manifest
+from retriever.index import TextIndex, check_built_with, read_index, read_manifest
 from retriever.models import LoadedModel, load_model, split_model_ref
 
 if TYPE_CHECKING:
@@ -61,14 +61,8 @@ class Retriever:
     def __init__(self, index: TextIndex | None, model: LoadedModel | None, generator: LoadedModel | None = None):
         if index is not None:
             assert model is not None
-            built_with = index.manifest["model"]
-            if model.fingerprint != built_with["fingerprint"]:
-                raise IndexFormatError(
-                    f"{index.path} was built with {_model_label(built_with)}, not {model.spec}; "
-                    "query it with the model that built it, or rebuild the index"
-                )
-            if model.embed_dim != index.manifest["embedding_dim"]:
-                raise IndexFormatError(f"{index.path}: dimension {index.manifest['embedding_dim']} != model's {model.embed_dim}")
+            check_built_with(index.manifest, model, index.path,
+                             "query it with the model that built it, or rebuild the index")
         self.index = index
         self.model = model
         self.encoder = Encoder(model) if model is not None else None
@@ -216,8 +210,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
-
-
-def _model_label(described: dict) -> str:
-    name, pretrained = described.get("name"), described.get("pretrained")
-    return f"{name} ({pretrained})" if pretrained else str(name)

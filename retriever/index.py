@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
+    from retriever.models import LoadedModel
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
@@ -110,6 +112,17 @@ def read_manifest(path: str | Path) -> dict:
     if version != FORMAT_VERSION:
         raise IndexFormatError(f"{path}: index format {version}, this retriever reads format {FORMAT_VERSION}; rebuild it")
     return manifest
+
+
+def check_built_with(manifest: dict, model: LoadedModel, path: str | Path, advice: str) -> None:
+    """Raise IndexFormatError (ending with `advice`) unless the index at `path` was built with `model`."""
+    built_with = manifest.get("model") or {}
+    if built_with.get("fingerprint") != model.fingerprint:
+        name, pretrained = built_with.get("name"), built_with.get("pretrained")
+        label = f"{name} ({pretrained})" if pretrained else str(name)
+        raise IndexFormatError(f"{path} was built with {label}, not {model.spec}; {advice}")
+    if manifest.get("embedding_dim") != model.embed_dim:
+        raise IndexFormatError(f"{path}: dimension {manifest.get('embedding_dim')} != model's {model.embed_dim}")
 
 
 def read_index(path: str | Path, use_gpu: bool | None = None, mmap: bool | None = None) -> TextIndex:

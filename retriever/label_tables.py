@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from retriever.errors import IndexFormatError, MissingExtraError, RetrieverError
-from retriever.index import MANIFEST, TextIndex, read_index, read_manifest
+from retriever.index import MANIFEST, TextIndex, check_built_with, read_index, read_manifest
 from retriever.models import LoadedModel
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ SITES = ("Artstation", "behance", "cg society", "cgsociety", "deviantart", "drib
          "pexels", "pinterest", "pixabay", "pixiv", "polycount", "reddit", "shutterstock", "tumblr", "unsplash",
          "zbrush central")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_REBUILD = "a label table must be built with the interrogating model (rebuild it with --model)"
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def ensure_table(name: str, labels: Sequence[str], model: LoadedModel, root: str
     if (path / MANIFEST).is_file():
         try:
             manifest = read_manifest(path)
-            check_model(manifest, model, path)
+            check_built_with(manifest, model, path, _REBUILD)
             return TableStatus(name, path, int(manifest["count"]), False, time.perf_counter() - start)
         except IndexFormatError:
             pass  # an old format or a damaged entry: embed it again
@@ -240,7 +241,7 @@ def load_table(name: str, path: str | Path, model: LoadedModel) -> LabelTable:
     """
     check_table_name(name)
     path = Path(path)
-    check_model(read_manifest(path), model, path)
+    check_built_with(read_manifest(path), model, path, _REBUILD)
     index = read_index(path, use_gpu=False)
     labels = [str(t) for t in index.texts.column("text").to_pylist()]
     return LabelTable(name, index, labels)
@@ -257,15 +258,3 @@ def open_table(name: str, path: str | Path, model: LoadedModel, root: str | Path
     elif not path.exists():
         raise RetrieverError(f"table {name!r}: {path} does not exist (give an index directory or a .txt list)")
     return load_table(name, path, model)
-
-
-def check_model(manifest: dict, model: LoadedModel, path: Path) -> None:
-    """Raise IndexFormatError unless the index at `path` was built with `model`."""
-    built_with = manifest.get("model") or {}
-    if built_with.get("fingerprint") != model.fingerprint:
-        name, pretrained = built_with.get("name"), built_with.get("pretrained")
-        label = f"{name} ({pretrained})" if pretrained else str(name)
-        raise IndexFormatError(f"{path} was built with {label}, not {model.spec}; a label table must be built "
-                               "with the interrogating model (rebuild it with --model)")
-    if manifest.get("embedding_dim") != model.embed_dim:
-        raise IndexFormatError(f"{path}: dimension {manifest.get('embedding_dim')} != model's {model.embed_dim}")
