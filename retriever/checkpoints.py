@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retriever.atomic import write_text_atomic
 from retriever.errors import ModelError
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def save_model_dir(model: Any, config: dict, directory: str | Path, info: dict |
     tmp = directory / f".{WEIGHTS_NAME}.tmp"
     save_file(weights, str(tmp))
     os.replace(tmp, directory / WEIGHTS_NAME)
-    _write_json(directory / CONFIG_NAME, {**config, **({"finetune": info} if info else {})})
+    write_json(directory / CONFIG_NAME, {**config, **({"finetune": info} if info else {})})
     return directory
 
 
@@ -69,6 +70,11 @@ def publish_model_dir(source: str | Path, directory: str | Path) -> Path:
             shutil.copy2(source / name, tmp)
         os.replace(tmp, directory / name)
     return directory
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def save_state(path: str | Path, state: dict) -> None:
@@ -90,9 +96,3 @@ def load_state(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as e:
         raise ModelError(f"{path}: unreadable training state ({e})") from e
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)

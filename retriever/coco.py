@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retriever.atomic import write_text_atomic
 from retriever.errors import CorpusError
 
 SPLITS = ("train", "val", "test")
@@ -187,7 +188,7 @@ def convert_coco(
             header = ["filepath\ttitle"]
         else:
             header = [] if path.suffix.lower() == ".txt" else ["caption"]
-        _write_atomic(path, header + rows[split])
+        write_text_atomic(path, "".join(line + "\n" for line in header + rows[split]))
     return result
 
 
@@ -322,15 +323,3 @@ def _relative(image: Path, folder: Path) -> str:
         return Path(os.path.relpath(image_abs, os.path.abspath(folder))).as_posix()
     except ValueError:
         return Path(image_abs).as_posix()
-
-
-def _write_atomic(path: Path, lines: list[str]) -> None:
-    """Write the lines to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(line + "\n" for line in lines)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -21,7 +21,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from retriever.checkpoints import STATE_NAME, load_state, model_config, publish_model_dir, save_model_dir, save_state
+from retriever.checkpoints import (
+    STATE_NAME,
+    load_state,
+    model_config,
+    publish_model_dir,
+    save_model_dir,
+    save_state,
+    write_json,
+)
 from retriever.errors import ModelError, RetrieverError
 from retriever.pairs import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, Pairs, PairsReport, read_pairs
 
@@ -262,7 +270,7 @@ def finetune(
             publish_model_dir(save_model_dir(net, config, out / "checkpoints" / f"epoch_{report.epoch}", info), out)
             save_state(state_path, snapshot())
             last_save = time.perf_counter()
-            _write_summary(out, result())
+            write_json(out / "finetune.json", result().as_dict())
             emit("epoch", asdict(report))
     except KeyboardInterrupt:
         save_state(state_path, snapshot())
@@ -450,11 +458,3 @@ def _check_resumable(state: dict, options: TrainOptions, data_id: dict) -> None:
                              f"{data_id['path']}, {data_id['pairs']} pairs now)")
     if options.epochs < state["epoch"]:
         raise ModelError(f"the run already finished {state['epoch']} epochs; --epochs must be at least that")
-
-
-def _write_summary(out: Path, result: FinetuneResult) -> None:
-    import json
-
-    tmp = out / ".finetune.json.tmp"
-    tmp.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
-    os.replace(tmp, out / "finetune.json")
