@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -40,11 +38,9 @@ def random_model(name: str = "ViT-B-32", seed: int = 0):
 
 def flavors() -> list[str]:
     """clip-interrogator's 100,970 flavor phrases (its package data; its code is not imported)."""
-    spec = importlib.util.find_spec("clip_interrogator")
-    if spec is None:
-        raise SystemExit("clip-interrogator is not installed: run scripts/setup.sh")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "flavors.txt"
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from retriever.label_tables import builtin_labels
+
+    return builtin_labels("flavors")
 
 
 def synthetic_captions(n: int, seed: int = 0) -> list[str]:

@@ -127,13 +127,9 @@ def test_not_an_index_and_wrong_version(tmp_path, toy_index):
 
 def _flavors() -> list[str]:
     """clip-interrogator's 100k flavor phrases, read from its package data without importing its code."""
-    import importlib.util
-    from pathlib import Path
+    from retriever.label_tables import builtin_labels
 
-    spec = importlib.util.find_spec("clip_interrogator")
-    assert spec is not None, "clip-interrogator (data only) is missing: run scripts/setup.sh"
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "flavors.txt"
-    return path.read_text(encoding="utf-8").splitlines()
+    return builtin_labels("flavors")
 
 
 def test_toyworld_quality_with_10k_distractors(toy_model, tmp_path):
