@@ -119,3 +119,22 @@ class ImageBatches:
             if batch:
                 yield batch
 
+
+class CappedWarnings:
+    """`warn(kind, text)` prints the first `limit` warnings of each kind on stderr; `finish()` says
+    how many more were left out (so a file with 100,000 bad rows does not flood the terminal)."""
+
+    def __init__(self, quiet: bool = False, limit: int = 10):
+        self.quiet, self.limit = quiet, limit
+        self.counts: dict[str, int] = {}
+
+    def warn(self, kind: str, text: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if not self.quiet and self.counts[kind] <= self.limit:
+            stderr(f"warning: {text}")
+
+    def finish(self) -> None:
+        for kind, count in self.counts.items():
+            if count > self.limit and not self.quiet:
+                stderr(f"warning: ... and {count - self.limit} more {kind}")
+

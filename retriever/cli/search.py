@@ -12,6 +12,7 @@ from retriever.cli.common import (
     DEFAULT_INDEX_ROOT,
     BeamGroupsOpt,
     BeamsOpt,
+    CappedWarnings,
     DecodingOpt,
     DeviceOpt,
     GeneratorOpt,
@@ -72,20 +73,13 @@ def build_index_cmd(
         raise RetrieverError(f"{out} already exists (use --overwrite to replace it)")
     loaded = load_model(model, pretrained, device=device, precision=precision)
 
-    bad_rows = 0
-
-    def warn_bad_row(bad) -> None:
-        nonlocal bad_rows
-        bad_rows += 1
-        if not quiet and bad_rows <= 10:
-            stderr(f"warning: skipped {bad}")
+    warnings = CappedWarnings(quiet)
 
     result = build_index(corpus, out, loaded, column=column, strict=strict, batch_size=batch_size,
-                         overwrite=overwrite, show_progress_bar=False if quiet else None, on_bad_row=warn_bad_row,
+                         overwrite=overwrite, show_progress_bar=False if quiet else None, on_bad_row=lambda bad: warnings.warn("bad rows", f"skipped {bad}"),
                          chunk_size=chunk_size, index_type=index_type, max_memory=parse_bytes(max_memory),
                          recall_target=recall_target, use_gpu=False if device == "cpu" else None)
-    if bad_rows > 10 and not quiet:
-        stderr(f"warning: ... and {bad_rows - 10} more bad rows")
+    warnings.finish()
     summary = result.as_dict()
     if as_json:
         emit_json(summary)

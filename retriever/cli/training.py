@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from retriever.cli.common import (
+    CappedWarnings,
     DeviceOpt,
     JsonOpt,
     ModelOpt,
@@ -62,17 +63,17 @@ def finetune(
                            caption_loss_weight=caption_loss_weight, contrastive_loss_weight=contrastive_loss_weight,
                            precision=train_precision, workers=workers, seed=seed, checkpoint_minutes=checkpoint_minutes,
                            eval_images=eval_images)
-    warned = {"bad_row": 0, "unreadable_image": 0}
+    warnings = CappedWarnings(quiet)
     show_bar = False if quiet else None
     last_line = [_time.monotonic()]
 
     def on_event(kind: str, details: dict) -> None:
         if quiet:
             return
-        if kind in warned:
-            warned[kind] += 1
-            if warned[kind] <= 10:
-                stderr(f"warning: skipped {details.get('row') or details.get('error')}")
+        if kind == "bad_row":
+            warnings.warn("bad rows", f"skipped {details['row']}")
+        elif kind == "unreadable_image":
+            warnings.warn("unreadable images", f"skipped {details['error']}")
         elif kind == "epoch":
             stderr(_epoch_line(details))
         elif kind == "step" and not sys.stderr.isatty() and _time.monotonic() - last_line[0] > 30:
@@ -89,9 +90,7 @@ def finetune(
         stderr(f"interrupted: the state is saved; add --resume to the same command to continue ({out})")
         raise typer.Exit(130) from None
     summary = result.as_dict()
-    for kind, count in warned.items():
-        if count > 10 and not quiet:
-            stderr(f"warning: ... and {count - 10} more ({kind.replace('_', ' ')}s)")
+    warnings.finish()
     if as_json:
         emit_json(summary)
     elif not quiet:
