@@ -16,7 +16,7 @@ import torch
 
 from common import flavors, machine, matmul_gflops, random_model, timed
 
-from retriever.encoder import Encoder
+from retriever.models.encoder import Encoder
 
 
 def text_flops(model, lengths: np.ndarray) -> float:

@@ -21,9 +21,9 @@ from PIL import Image
 
 from common import machine, random_model, synthetic_captions
 
-from retriever import toyworld
-from retriever.api import Retriever
-from retriever.index import read_index, write_index
+from retriever.models import toyworld
+from retriever.search.api import Retriever
+from retriever.index.store import read_index, write_index
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:

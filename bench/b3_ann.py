@@ -18,9 +18,9 @@ import numpy as np
 
 from common import machine, synthetic_captions
 
-from retriever.ann import exact_neighbors, new_index, perturbed_queries, plan_index, recall_at_k, train_sample_size, tune
-from retriever.encoder import Encoder
-from retriever.models import load_model
+from retriever.index.ann import exact_neighbors, new_index, perturbed_queries, plan_index, recall_at_k, train_sample_size, tune
+from retriever.models.encoder import Encoder
+from retriever.models.loading import load_model
 
 
 def qps(index, xq: np.ndarray, k: int = 10) -> tuple[float, np.ndarray]:

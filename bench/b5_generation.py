@@ -16,10 +16,10 @@ import torch
 
 from common import machine
 
-from retriever import toyworld
-from retriever.captioner import Captioner
-from retriever.decoding import DecodeOptions
-from retriever.models import ModelSpec, load_model, wrap_model
+from retriever.models import toyworld
+from retriever.generate.captioner import Captioner
+from retriever.generate.decoding import DecodeOptions
+from retriever.models.loading import ModelSpec, load_model, wrap_model
 
 
 def until_eos(tokens: list[int], eos: int = 49407) -> list[int]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common import machine
 
-from retriever import toyworld
+from retriever.models import toyworld
 
 
 def write_pairs(folder: Path, n: int) -> Path:
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     print(machine())
-    from retriever.models import BUNDLED_DIR
+    from retriever.models.loading import BUNDLED_DIR
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -92,7 +92,7 @@ def main() -> None:
             import torch
             from safetensors.torch import save_file
 
-            from retriever.models import load_model
+            from retriever.models.loading import load_model
 
             torch.manual_seed(0)
             model = load_model("ViT-B-32", device="cpu", random_weights=True).model

@@ -29,7 +29,7 @@ def random_model(name: str = "ViT-B-32", seed: int = 0):
     import open_clip
     import torch
 
-    from retriever.models import ModelSpec, wrap_model
+    from retriever.models.loading import ModelSpec, wrap_model
 
     torch.manual_seed(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(name)
@@ -38,7 +38,7 @@ def random_model(name: str = "ViT-B-32", seed: int = 0):
 
 def flavors() -> list[str]:
     """clip-interrogator's 100,970 flavor phrases (its package data; its code is not imported)."""
-    from retriever.label_tables import builtin_labels
+    from retriever.prompts.label_tables import builtin_labels
 
     return builtin_labels("flavors")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from common import machine
 
-from retriever import toyworld
-from retriever.finetune import TrainOptions, finetune
+from retriever.models import toyworld
+from retriever.train.finetune import TrainOptions, finetune
 
 
 def restyled(scene: toyworld.Scene) -> str:

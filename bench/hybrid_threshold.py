@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever import toyworld
-from retriever.api import Retriever
-from retriever.build import build_index
-from retriever.models import load_model
+from retriever.models import toyworld
+from retriever.search.api import Retriever
+from retriever.index.build import build_index
+from retriever.models.loading import load_model
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
         for threshold in (0.7, 0.75, 0.78, 0.8, 0.85):
             errors = np.mean((best < threshold) == present)
             print(f"threshold {threshold:.2f}: {errors:.3f} of images on the wrong side")
-        from retriever.api import DEFAULT_MIN_SCORE
+        from retriever.search.api import DEFAULT_MIN_SCORE
 
         hybrid = retriever.query_many(images, k=5, mode="hybrid")
         truth = [cap for _, cap in pairs]

@@ -26,7 +26,7 @@ import numpy as np
 
 from common import machine
 
-from retriever import toyworld
+from retriever.models import toyworld
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:

@@ -15,35 +15,35 @@ from retriever.errors import CorpusError, ImageError, IndexFormatError, ModelErr
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Retriever": "retriever.api",
-    "Hit": "retriever.api",
-    "Encoder": "retriever.encoder",
-    "load_model": "retriever.models",
-    "list_models": "retriever.models",
-    "build_index": "retriever.build",
-    "read_corpus": "retriever.corpus",
-    "load_image": "retriever.images",
-    "Captioner": "retriever.captioner",
-    "DecodeOptions": "retriever.decoding",
-    "Interrogator": "retriever.interrogate",
-    "TrainOptions": "retriever.finetune",
-    "convert_coco": "retriever.coco",
+    "Retriever": "retriever.search.api",
+    "Hit": "retriever.search.api",
+    "Encoder": "retriever.models.encoder",
+    "load_model": "retriever.models.loading",
+    "list_models": "retriever.models.loading",
+    "build_index": "retriever.index.build",
+    "read_corpus": "retriever.corpus.reader",
+    "load_image": "retriever.models.images",
+    "Captioner": "retriever.generate.captioner",
+    "DecodeOptions": "retriever.generate.decoding",
+    "Interrogator": "retriever.prompts.interrogate",
+    "TrainOptions": "retriever.train.finetune",
+    "convert_coco": "retriever.corpus.coco",
 }
 
 __all__ = ["CorpusError", "ImageError", "IndexFormatError", "ModelError", "RetrieverError", *_LAZY]
 
 if TYPE_CHECKING:  # noqa: F401 (names for type checkers; loaded lazily below)
-    from retriever.api import Hit, Retriever
-    from retriever.build import build_index
-    from retriever.captioner import Captioner
-    from retriever.coco import convert_coco
-    from retriever.corpus import read_corpus
-    from retriever.decoding import DecodeOptions
-    from retriever.encoder import Encoder
-    from retriever.finetune import TrainOptions
-    from retriever.images import load_image
-    from retriever.interrogate import Interrogator
-    from retriever.models import list_models, load_model
+    from retriever.search.api import Hit, Retriever
+    from retriever.index.build import build_index
+    from retriever.generate.captioner import Captioner
+    from retriever.corpus.coco import convert_coco
+    from retriever.corpus.reader import read_corpus
+    from retriever.generate.decoding import DecodeOptions
+    from retriever.models.encoder import Encoder
+    from retriever.train.finetune import TrainOptions
+    from retriever.models.images import load_image
+    from retriever.prompts.interrogate import Interrogator
+    from retriever.models.loading import list_models, load_model
 
 
 def __getattr__(name: str) -> Any:

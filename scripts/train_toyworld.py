@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the bundled `toyworld` CLIP: a tiny open_clip model on the synthetic toy world.
 
-    python scripts/train_toyworld.py                      # writes retriever/models/toyworld/
+    python scripts/train_toyworld.py                      # writes retriever/models/weights/toyworld/
     python scripts/train_toyworld.py --steps 50 --out /tmp/toy   # a quick smoke run
 
 Reproducible: the same seed and thread count give the same weights. Each batch holds every
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from retriever import toyworld
+from retriever.models import toyworld
 
 MODEL_CFG = {
     "embed_dim": 128,
@@ -27,7 +27,7 @@ MODEL_CFG = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
 PREPROCESS_CFG = {"size": 64, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "retriever" / "models" / "toyworld"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "retriever" / "models" / "weights" / "toyworld"
 
 
 def write_config(out: Path, model_cfg: dict, extra: dict | None = None) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the bundled `toyworld-coca` captioner: a tiny open_clip CoCa on the toy world.
 
-    python scripts/train_toyworld_coca.py                       # writes retriever/models/toyworld-coca/
+    python scripts/train_toyworld_coca.py                       # writes retriever/models/weights/toyworld-coca/
     python scripts/train_toyworld_coca.py --steps 30 --out /tmp/coca   # a quick smoke run
 
 CoCa's usual two losses: captioning, plus a contrastive loss on its own image and text
@@ -25,7 +25,7 @@ import torch
 
 from train_toyworld import PREPROCESS_CFG, adamw, cosine_lr, render_pool, training_args, write_config
 
-from retriever import toyworld
+from retriever.models import toyworld
 
 CONTEXT = 10  # the longest toy caption is 9 tokens with its start and end markers
 MODEL_CFG = {
@@ -38,7 +38,7 @@ MODEL_CFG = {
                        "attn_pooler_heads": 4},
     "custom_text": True,
 }
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "retriever" / "models" / "toyworld-coca"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "retriever" / "models" / "weights" / "toyworld-coca"
 
 
 @torch.inference_mode()
@@ -92,7 +92,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = open_clip.CoCa(**{k: v for k, v in MODEL_CFG.items() if k != "custom_text"})
     if args.init_visual_from:
-        from retriever.models import load_model
+        from retriever.models.loading import load_model
 
         clip_visual = load_model(args.init_visual_from, device="cpu").model.visual.state_dict()
         trunk = {k: v for k, v in clip_visual.items() if not k.startswith(("proj", "ln_post"))}

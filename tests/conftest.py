@@ -5,12 +5,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from retriever import toyworld  # noqa: E402
+from retriever.models import toyworld  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def toy_model():
-    from retriever.models import load_model
+    from retriever.models.loading import load_model
 
     return load_model("toyworld", device="cpu")
 
@@ -26,7 +26,7 @@ def toy_corpus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_index(tmp_path_factory, toy_model, toy_corpus):
-    from retriever.build import build_index
+    from retriever.index.build import build_index
 
     out = tmp_path_factory.mktemp("indexes") / "toy"
     build_index(toy_corpus, out, toy_model, show_progress_bar=False)

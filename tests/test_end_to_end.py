@@ -5,7 +5,7 @@ import json
 
 from typer.testing import CliRunner
 
-from retriever import toyworld
+from retriever.models import toyworld
 from retriever.cli import app
 
 

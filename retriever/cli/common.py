@@ -98,7 +98,7 @@ class ImageBatches:
     """
 
     def __init__(self, images: list[str], size: int = 64):
-        from retriever.images import expand_image_paths
+        from retriever.models.images import expand_image_paths
 
         self.paths = expand_image_paths(images)
         self.size = size
@@ -106,7 +106,7 @@ class ImageBatches:
 
     def __iter__(self):
         from retriever.errors import ImageError
-        from retriever.images import load_image
+        from retriever.models.images import load_image
 
         for start in range(0, len(self.paths), self.size):
             batch = []

@@ -53,7 +53,7 @@ def interrogate(
 
     Example: retriever interrogate cat.jpg --mode fast --model toyworld --caption-model toyworld-coca
     """
-    from retriever.interrogate import MODES, Interrogator
+    from retriever.prompts.interrogate import MODES, Interrogator
 
     if mode not in MODES:
         raise typer.BadParameter(f"choose from {', '.join(MODES)}", param_hint="--mode")
@@ -68,7 +68,7 @@ def interrogate(
             raise typer.BadParameter(f"{spec!r}: use NAME=PATH", param_hint="--table")
         user_tables[name.strip()] = path.strip()
     if mode != "negative" and caption is None and index is None and not no_caption and caption_model is None:
-        from retriever.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
+        from retriever.generate.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
 
         caption_model = f"{DEFAULT_GENERATOR}:{DEFAULT_GENERATOR_PRETRAINED}"
     def note_embedding(name: str, count: int) -> None:
@@ -113,8 +113,8 @@ def interrogate_tables(
 
     Example: retriever interrogate-tables --model toyworld --builtin mediums,movements
     """
-    from retriever.label_tables import ensure_builtin_tables
-    from retriever.models import load_model
+    from retriever.prompts.label_tables import ensure_builtin_tables
+    from retriever.models.loading import load_model
 
     names = _builtin_tables(builtin)
     loaded = load_model(model, pretrained, device=device, precision=precision)
@@ -129,7 +129,7 @@ def interrogate_tables(
 
 
 def _builtin_tables(builtin: str) -> tuple[str, ...]:
-    from retriever.label_tables import parse_builtin
+    from retriever.prompts.label_tables import parse_builtin
 
     try:
         return parse_builtin(builtin)

@@ -64,9 +64,9 @@ def build_index_cmd(
 
     Example: retriever build-index captions.tsv --model toyworld --out indexes/toy
     """
-    from retriever.ann import parse_bytes
-    from retriever.build import build_index
-    from retriever.models import load_model
+    from retriever.index.ann import parse_bytes
+    from retriever.index.build import build_index
+    from retriever.models.loading import load_model
 
     out = out or DEFAULT_INDEX_ROOT / corpus.stem
     if out.exists() and not overwrite:
@@ -123,8 +123,8 @@ def query(
 
     Example: retriever query cat.jpg photos/ -k 5 --index indexes/coco --json
     """
-    from retriever.api import MODES, Retriever
-    from retriever.decoding import DecodeOptions
+    from retriever.search.api import MODES, Retriever
+    from retriever.generate.decoding import DecodeOptions
 
     if mode not in MODES:
         raise typer.BadParameter(f"choose from {', '.join(MODES)}", param_hint="--mode")
@@ -135,7 +135,7 @@ def query(
     if text is not None and mode != "retrieve":
         raise typer.BadParameter("--text queries only retrieve", param_hint="--mode")
     if mode != "retrieve" and generator is None:
-        from retriever.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
+        from retriever.generate.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
 
         generator = f"{DEFAULT_GENERATOR}:{DEFAULT_GENERATOR_PRETRAINED}"
     index_path = index if mode == "generate" else find_index(index)
@@ -172,9 +172,9 @@ def caption(
 
     Example: retriever caption cat.jpg --beams 6 --generator coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k
     """
-    from retriever.api import Retriever
-    from retriever.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
-    from retriever.decoding import DecodeOptions
+    from retriever.search.api import Retriever
+    from retriever.generate.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
+    from retriever.generate.decoding import DecodeOptions
 
     generator = generator or f"{DEFAULT_GENERATOR}:{DEFAULT_GENERATOR_PRETRAINED}"
     retriever = Retriever.open(None, device=device, precision=precision, generator=generator)
@@ -215,7 +215,7 @@ def info(
 
     Example: retriever info indexes/coco
     """
-    from retriever.index import read_manifest
+    from retriever.index.store import read_manifest
 
     manifest = read_manifest(index)
     if as_json:
@@ -231,7 +231,7 @@ def models(as_json: JsonOpt = False) -> None:
 
     Example: retriever models --json
     """
-    from retriever.models import list_models
+    from retriever.models.loading import list_models
 
     rows = list_models()
     if as_json:
@@ -262,9 +262,9 @@ def serve(
 
     Example: retriever serve --index indexes/coco --generator toyworld-coca --port 8000
     """
-    from retriever.ann import parse_bytes
-    from retriever.api import Retriever
-    from retriever.server import ServerSettings, create_app
+    from retriever.index.ann import parse_bytes
+    from retriever.search.api import Retriever
+    from retriever.serve.app import ServerSettings, create_app
 
     try:
         import uvicorn
@@ -296,7 +296,7 @@ def toy_images(
 
     Example: retriever toy-images demo/ -n 4
     """
-    from retriever import toyworld
+    from retriever.models import toyworld
 
     out.mkdir(parents=True, exist_ok=True)
     lines = ["filepath\ttitle"]

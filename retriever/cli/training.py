@@ -56,8 +56,8 @@ def finetune(
     """
     import time as _time
 
-    from retriever.finetune import TrainOptions
-    from retriever.finetune import finetune as run_finetune
+    from retriever.train.finetune import TrainOptions
+    from retriever.train.finetune import finetune as run_finetune
 
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, wd=wd,
                            caption_loss_weight=caption_loss_weight, contrastive_loss_weight=contrastive_loss_weight,
@@ -130,7 +130,7 @@ def corpus_coco(
 
     Example: retriever corpus coco --annotations captions_train2014.json --images coco/train2014 --out train.tsv
     """
-    from retriever.coco import convert_coco
+    from retriever.corpus.coco import convert_coco
 
     if not annotations and karpathy is None:
         raise typer.BadParameter("give --annotations, --karpathy, or both", param_hint="--annotations")

@@ -1,0 +1,247 @@
+"""Building an index: stream a corpus, embed it chunk by chunk into shards, then assemble the index.
+
+Memory during embedding is bounded by `chunk_size`, not by the corpus. Every finished chunk is
+a shard on disk (see `shards.py`), so a build stopped by Ctrl-C, kill -9 or a power cut resumes
+from the last complete shard when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from retriever.corpus.reader import BadRow, CorpusReport, count_rows, iter_corpus
+from retriever.models.encoder import Encoder
+from retriever.errors import IndexFormatError
+from retriever.index.faiss_import import import_faiss
+from retriever.index.store import RESERVED_COLUMNS, write_index
+from retriever.models.loading import LoadedModel, sha256_file
+from retriever.progress import progress
+from retriever.index.shards import ShardDir
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+DEFAULT_CHUNK_SIZE = 65_536
+TUNING_QUERIES = 1_000
+
+
+@dataclass
+class BuildResult:
+    """What a build did: where the index is, corpus counts, index choice, and timings."""
+
+    path: Path
+    report: CorpusReport
+    seconds: float
+    embedded: int = 0
+    resumed_shards: int = 0
+    index: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"index": str(self.path), **self.report.as_dict(), "embedded": self.embedded,
+                "resumed_shards": self.resumed_shards, **self.index, "seconds": round(self.seconds, 2)}
+
+
+def build_index(
+    corpus_path: str | Path,
+    out: str | Path,
+    model: LoadedModel,
+    column: str | None = None,
+    strict: bool = False,
+    batch_size: int = 256,
+    overwrite: bool = False,
+    show_progress_bar: bool | None = None,
+    on_bad_row: Callable[[BadRow], None] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    index_type: str = "auto",
+    max_memory: int | None = None,
+    recall_target: float = 0.95,
+    use_gpu: bool | None = None,
+) -> BuildResult:
+    """Embed every usable text of a corpus file into an index directory at `out`.
+
+    Args:
+        corpus_path: `.txt`, `.tsv`, `.csv`, `.parquet` or `.jsonl` (see `iter_corpus`).
+        out: the index directory to create.
+        model: the model to embed with; queries must later use the same one.
+        column: the text column; auto-detected by default.
+        strict: make bad rows fatal.
+        batch_size: texts per forward pass.
+        overwrite: replace an existing index at `out`.
+        show_progress_bar: None shows one on stderr when it is a terminal.
+        on_bad_row: called with each skipped bad row.
+        chunk_size: texts per shard; bounds memory while embedding.
+        index_type: auto, flat, hnsw, ivf or ivfpq (see `ann.plan_index`).
+        max_memory: bytes the index may take in memory (None: no limit).
+        recall_target: recall@10 against exact search that approximate indexes are tuned to.
+        use_gpu: train and add on the GPU when faiss has one (None), or never (False).
+    """
+    from retriever.index.ann import plan_index
+
+    import_faiss()  # before hours of embedding, not after
+    start = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise IndexFormatError(f"{out} already exists (use --overwrite to replace it)")
+    corpus_sha = sha256_file(corpus_path)
+    state = {"corpus_sha256": corpus_sha, "model": model.fingerprint, "column": column, "chunk_size": chunk_size}
+    shards, _ = ShardDir.open(out, state)
+    done_before = shards.done()
+    report = CorpusReport()
+    encoder = Encoder(model)
+    embedded = 0
+    with progress(count_rows(corpus_path), "embedding", "texts", show_progress_bar) as advance:
+        chunk: list[tuple[str, dict]] = []
+        number = 0
+        rows_seen = 0
+
+        def flush() -> None:
+            nonlocal number, embedded, rows_seen
+            if number >= done_before:
+                texts = [t for t, _ in chunk]
+                vectors = encoder.encode_text(texts, batch_size=batch_size, show_progress_bar=False,
+                                              on_batch=advance)
+                shards.write(number, vectors, _table(chunk, first_id=number * chunk_size))
+                embedded += len(chunk)
+            else:
+                advance(len(chunk))
+            consumed = report.rows + len(report.bad_rows)
+            advance(consumed - rows_seen - len(chunk))  # skipped empty/duplicate/bad rows
+            rows_seen = consumed
+            number += 1
+            chunk.clear()
+
+        for item in iter_corpus(corpus_path, column=column, strict=strict, report=report, on_bad_row=on_bad_row):
+            chunk.append(item)
+            if len(chunk) == chunk_size:
+                flush()
+        if chunk:
+            flush()
+    count = number
+    n, d = report.kept, model.embed_dim
+    plan = plan_index(n, d, index_type, max_memory)
+    faiss_index, tuning = _assemble(shards, count, plan, d, recall_target, use_gpu)
+    manifest = {
+        "model": model.describe(),
+        "embedding_dim": d,
+        "index_type": plan.index_type,
+        "faiss_factory": plan.factory,
+        "metric": "inner_product",
+        "search_params": tuning.params,
+        "tuning": {"recall_at_10": round(tuning.recall_at_10, 4), "recall_target": recall_target,
+                   "queries": tuning.queries} if plan.tune else None,
+        "corpus": {"path": str(Path(corpus_path).resolve()), "sha256": corpus_sha, **report.as_dict()},
+        "build": {"chunk_size": chunk_size, "shards": count, "max_memory": max_memory},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+    schema = _unified_schema([t.schema for t in shards.tables(count)])
+    path = write_index(out, faiss_index, (_conform(t, schema) for t in shards.tables(count)), schema,
+                       manifest, overwrite=overwrite)
+    shards.remove()
+    index_info = {"index_type": plan.index_type, "search_params": tuning.params}
+    if plan.tune:
+        index_info["recall_at_10"] = round(tuning.recall_at_10, 4)
+    return BuildResult(path, report, time.perf_counter() - start, embedded, min(done_before, count), index_info)
+
+
+def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, use_gpu: bool | None):
+    """Train (on a sample), fill and tune the FAISS index from the shards."""
+    faiss = import_faiss()
+    import numpy as np
+
+    from retriever.index.ann import TuneResult, exact_neighbors, new_index, perturbed_queries, train_sample_size, tune
+
+    index = new_index(plan, d)
+    sizes = [len(shards.vectors(i)) for i in range(count)]
+    n = sum(sizes)
+    rng = np.random.default_rng(0)
+    train_n = train_sample_size(plan, n)
+    if train_n:
+        sample = _sample_rows(shards, sizes, rng.choice(n, size=train_n, replace=False))
+        if use_gpu is not False and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+            ivf = faiss.extract_index_ivf(index)
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(d))
+        index.train(sample)
+    for vectors in shards.iter_vectors(count):
+        index.add(vectors)
+    if not plan.tune:
+        return index, TuneResult()
+    queries = perturbed_queries(_sample_rows(shards, sizes, rng.choice(n, size=min(TUNING_QUERIES, n), replace=False)),
+                                TUNING_QUERIES, seed=1)
+    gt = exact_neighbors(shards.iter_vectors(count), queries, 10)
+    return index, tune(index, plan, queries, gt, recall_target)
+
+
+def _sample_rows(shards: ShardDir, sizes: list[int], rows: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    rows = np.sort(rows)
+    bounds = np.cumsum([0] + sizes)
+    parts = []
+    for number in range(len(sizes)):
+        local = rows[(rows >= bounds[number]) & (rows < bounds[number + 1])] - bounds[number]
+        if len(local):
+            parts.append(np.asarray(shards.vectors(number)[local], dtype=np.float32))
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+def _table(chunk: list[tuple[str, dict]], first_id: int) -> pa.Table:
+    """A chunk's ids, texts and metadata; columns named id/text in the corpus become corpus_id/corpus_text."""
+    import json
+
+    import pyarrow as pa
+
+    rows = []
+    for offset, (text, meta) in enumerate(chunk):
+        row = {"id": first_id + offset, "text": text}
+        for key, value in meta.items():
+            row[f"corpus_{key}" if key in RESERVED_COLUMNS else key] = value
+        rows.append(row)
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # Mixed types within a column (JSON lines do this): keep such values as JSON text.
+        return pa.Table.from_pylist([{k: v if k in RESERVED_COLUMNS or isinstance(v, str) or v is None
+                                      else json.dumps(v) for k, v in row.items()} for row in rows])
+
+
+def _unified_schema(schemas: list[pa.Schema]) -> pa.Schema:
+    import pyarrow as pa
+
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        names = list(dict.fromkeys(name for schema in schemas for name in schema.names))
+        return pa.schema([pa.field(n, pa.int64() if n == "id" else pa.string()) for n in names])
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with `schema`'s columns, in order and types; missing columns are nulls."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = []
+    for f in schema:
+        if f.name in table.column_names:
+            column = table.column(f.name)
+            columns.append(column if column.type == f.type else pc.cast(column, f.type, safe=False))
+        else:
+            columns.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("retriever", "open_clip_torch", "torch", "faiss-cpu", "faiss-gpu-cu12", "numpy", "pyarrow"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
