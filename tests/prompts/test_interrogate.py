@@ -148,7 +148,7 @@ def test_chain_matches_clip_interrogator(interrogator, toy_model, toy_tables, la
         xq = encoder.encode_image(Image.open(path))
         terms = [t for t in rank_tables(interrogator.tables, xq, 200) if t.category != "flavors" or t.text in short]
         for min_count, max_count in ((0, 4), (3, 4)):
-            ours = interrogator._chain(xq, terms, "a large", None, min_count, max_count)
+            ours = interrogator.builder.chain(xq, terms, "a large", None, min_count, max_count)
             expected = _reference_chain(encoder, xq, [t.text for t in terms], "a large", min_count, max_count)
             assert ", ".join(p.text for p in ours) == expected
             assert interrogator.fits(expected)
