@@ -17,4 +17,7 @@ pip install --upgrade pip
 pip install -e ".[test]"
 # clip-interrogator only for its word lists (the tests' distractor texts); none of its model code is used.
 pip install --no-deps clip-interrogator==0.6.0
+# clip-benchmark only for its zero-shot retrieval evaluator, which `retriever eval`'s recall is
+# checked against (that module needs torch and tqdm alone; the rest of its deps are not needed).
+pip install --no-deps clip-benchmark==1.6.2
 .venv/bin/python -c "import retriever, torch, open_clip, faiss"

@@ -9,6 +9,7 @@ from retriever.cli import (
     prompts,  # noqa: E402,F401,I001
     search,  # noqa: E402,F401,I001
     training,  # noqa: E402,F401,I001
+    evaluate,  # noqa: E402,F401,I001
 )
 from retriever.cli.common import app, stderr
 
