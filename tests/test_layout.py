@@ -14,10 +14,10 @@ ALLOWED = {
     "corpus": set(),
     "index": {"models", "corpus"},
     "generate": {"models"},
-    "search": {"models", "index", "generate"},
-    "prompts": {"models", "index", "generate", "search"},
+    "search": {"models", "corpus", "index", "generate"},
+    "prompts": {"models", "corpus", "index", "generate", "search"},
     "train": {"models", "corpus", "generate"},
-    "serve": {"models", "index", "generate", "search"},
+    "serve": {"models", "corpus", "index", "generate", "search"},
     "cli": {"models", "corpus", "index", "generate", "search", "prompts", "train", "serve"},
 }
 
