@@ -4,6 +4,9 @@
     python scripts/train_toyworld_coca.py                       # writes retriever/models/weights/toyworld-coca/
     python scripts/train_toyworld_coca.py --steps 30 --out /tmp/coca   # a quick smoke run
 
+Version 2 trains on the same random rendering styles as the toy CLIP (see train_toyworld.py)
+and reports exact match on held-out styles.
+
 CoCa's usual two losses: captioning, plus a contrastive loss on its own image and text
 embeddings, which makes the vision side separate the attributes fast (caption loss alone left
 "position" unlearned after 2,000 steps: 0.17 exact match). Retrieval still uses the separate
@@ -42,12 +45,12 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "retriever" / "models" / "we
 
 
 @torch.inference_mode()
-def exact_match(model, tokenizer, preprocess, n: int = 256, seed: int = 10_000) -> float:
+def exact_match(model, tokenizer, preprocess, n: int = 256, seed: int = 10_000, style: str | None = None) -> float:
     """Greedy captions (the model's own forward, full prefix each step) vs the true ones."""
     import open_clip
 
     model.eval()
-    pairs = list(toyworld.sample(n, seed=seed))
+    pairs = list(toyworld.sample(n, seed=seed, style=style))
     images = torch.stack([preprocess(img) for img, _ in pairs])
     _, image_embs = model._encode_image(images)
     out = torch.full((n, 1), tokenizer.sot_token_id, dtype=torch.long)
@@ -131,13 +134,16 @@ def main() -> None:
         optimizer.step()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             match = exact_match(model, tokenizer, preprocess)
-            print(f"step {step + 1:5d}  loss {loss.item():.4f}  held-out exact match {match:.3f}  "
+            held_out = {name: exact_match(model, tokenizer, preprocess, n=128, style=name) for name in toyworld.HELD_OUT_STYLES}
+            shown = "  ".join(f"{name} {m:.3f}" for name, m in held_out.items())
+            print(f"step {step + 1:5d}  loss {loss.item():.4f}  held-out exact match {match:.3f}  styles: {shown}  "
                   f"{time.perf_counter() - start:.0f}s", flush=True)
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     write_config(args.out, MODEL_CFG, {"training": {
         "script": "scripts/train_toyworld_coca.py", "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
         "lr": args.lr, "contrastive_weight": args.contrastive_weight, "threads": args.threads, "init_visual_from": args.init_visual_from, "seconds": round(time.perf_counter() - start), "heldout_exact_match": match,
+        "heldout_styles_exact_match": held_out, "version": 2,
     }})
     save_file(state, str(args.out / "open_clip_model.safetensors"))
     print(f"saved {args.out}")

@@ -1,14 +1,19 @@
-"""The toy world: 64x64 images of one coloured shape on a noisy grey background.
+"""The toy world: 64x64 images of one coloured shape on a grey background.
 
 Every image has a known caption, `a {size} {colour} {shape} on the {position}`, so
 models trained on it can be scored exactly, offline, in seconds.
+
+A `Style` says how a scene is drawn (background noise and grey level, shape scale, rotation,
+position jitter, antialiasing, JPEG compression). `render` draws the classic look by default;
+`random_style` gives the variety the v2 toy models are trained on, and `HELD_OUT_STYLES` are
+looks no training run draws, for measuring whether a model learned the world or the renderer.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
@@ -29,7 +34,50 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle", "star")
 POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48)}
 _RADIUS = {"small": 6.0, "large": 11.0}
+# Radius multipliers a v2 training style may draw, per size class: they never overlap, so size
+# stays well defined, and reach down to the smallest shapes a reviewer drew (about 4 px).
+TRAIN_SCALES = {"small": (0.64, 1.25), "large": (0.86, 1.27)}
 
+
+@dataclass(frozen=True)
+class Style:
+    """How a scene is drawn. The defaults are the classic (v1) look."""
+
+    grey: tuple[int, int] = (100, 156)  # background grey level, drawn uniformly in [lo, hi)
+    noise: float = 18.0  # std of the per-pixel background noise
+    scale: tuple[float, float] | None = (0.85, 1.15)  # radius multiplier range; None: TRAIN_SCALES
+    rotation: float = 0.2  # max rotation of polygons, radians
+    jitter: float = 4.0  # max position offset, pixels
+    colour_jitter: int = 20
+    antialias: bool = False
+    jpeg_quality: int | None = None
+
+
+def random_style(rng) -> Style:
+    """A training style: noise from none-ish to heavy, any grey, scale jitter across the size
+    class, rotations, jitter, antialiasing on or off, sometimes JPEG. Held-out styles lie outside
+    it: a background noise below 3 and JPEG quality below 30 are never drawn."""
+    return Style(
+        grey=(int(rng.integers(60, 190)),) * 2,
+        noise=float(rng.choice([rng.uniform(3, 8), rng.uniform(8, 40)])),
+        scale=None,
+        rotation=0.6,
+        jitter=6.0,
+        colour_jitter=30,
+        antialias=bool(rng.random() < 0.5),
+        jpeg_quality=int(rng.integers(30, 95)) if rng.random() < 0.3 else None,
+    )
+
+
+HELD_OUT_STYLES = {
+    # A plain, flat background and the smallest shapes: the look that fooled v1 (0.97 -> 0.67).
+    "plain-smallest": Style(grey=(110, 150), noise=0.0, scale=(0.68, 0.78), rotation=0.0, jitter=3.0,
+                            colour_jitter=0, antialias=True),
+    # Heavy noise, then harsher JPEG compression than training ever applies.
+    "noisy-jpeg": Style(grey=(90, 170), noise=25.0, scale=None, rotation=0.3, jitter=5.0, jpeg_quality=22),
+    # Classic v1 rendering, antialiased, on a flat background.
+    "flat-classic": Style(grey=(100, 156), noise=0.0, antialias=True),
+}
 
 @dataclass(frozen=True)
 class Scene:
@@ -55,6 +103,25 @@ def all_captions() -> list[str]:
     return [scene.caption for scene in all_scenes()]
 
 
+# Partial captions: each names some of a scene's attributes. The v2 toy CLIP is trained on them
+# too, so single attributes ("blue", "a star") are meaningful texts for steering and for label
+# tables. Within one template the texts are mutually exclusive, which is what training needs.
+PARTIAL_TEMPLATES = (
+    "{colour}", "a {colour} shape", "{shape}", "a {shape}", "{size}", "a {size} shape", "on the {position}",
+    "a {size} {shape}", "a {colour} {shape}", "a {size} {colour} {shape}", "a {shape} on the {position}",
+)
+
+
+def partial_caption(template: str, scene: Scene) -> str:
+    """`template` filled in with `scene`'s attributes."""
+    return template.format(size=scene.size, colour=scene.colour, shape=scene.shape, position=scene.position)
+
+
+def partial_captions(template: str) -> list[str]:
+    """Every distinct text of one partial template, in a fixed order."""
+    return list(dict.fromkeys(partial_caption(template, scene) for scene in all_scenes()))
+
+
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     if shape == "square":
         corners = [math.pi / 4 + k * math.pi / 2 for k in range(4)]
@@ -70,36 +137,61 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     return [(cx + rad * math.cos(a + angle), cy + rad * math.sin(a + angle)) for a, rad in zip(corners, radii)]
 
 
-def render(scene: Scene, seed: int | None = None) -> Image.Image:
-    """Draw `scene` as a 64x64 RGB image; `seed` controls noise and jitter."""
+def render(scene: Scene, seed: int | None = None, style: Style | None = None) -> Image.Image:
+    """Draw `scene` as a 64x64 RGB image; `seed` controls noise and jitter, `style` the look."""
+    import io
+
     import numpy as np
     from PIL import Image, ImageDraw
 
+    style = style or Style()
     rng = np.random.default_rng(seed)
-    grey = int(rng.integers(100, 156))
-    background = rng.normal(grey, 18.0, size=(IMAGE_SIZE, IMAGE_SIZE, 3)).clip(0, 255).astype("uint8")
-    image = Image.fromarray(background, "RGB")
-    draw = ImageDraw.Draw(image)
-
-    cx, cy = POSITIONS[scene.position]
-    cx += float(rng.uniform(-4, 4))
-    cy += float(rng.uniform(-4, 4))
-    r = _RADIUS[scene.size] * float(rng.uniform(0.85, 1.15))
-    colour = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLOURS[scene.colour])
-    if scene.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    lo, hi = style.grey
+    grey = int(rng.integers(lo, hi)) if hi > lo else lo
+    if style.noise > 0:
+        background = rng.normal(grey, style.noise, size=(IMAGE_SIZE, IMAGE_SIZE, 3)).clip(0, 255).astype("uint8")
     else:
-        angle = float(rng.uniform(-0.2, 0.2))
-        draw.polygon(_polygon(scene.shape, cx, cy, r, angle), fill=colour)
+        background = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), grey, dtype="uint8")
+    cx, cy = POSITIONS[scene.position]
+    cx += float(rng.uniform(-style.jitter, style.jitter))
+    cy += float(rng.uniform(-style.jitter, style.jitter))
+    scale_lo, scale_hi = style.scale or TRAIN_SCALES[scene.size]
+    r = _RADIUS[scene.size] * float(rng.uniform(scale_lo, scale_hi))
+    j = style.colour_jitter
+    colour = tuple(int(np.clip(c + rng.integers(-j, j + 1), 0, 255)) for c in COLOURS[scene.colour])
+    angle = float(rng.uniform(-style.rotation, style.rotation))
+    # Antialiasing: draw a 4x mask and let resizing average it; the background stays sharp.
+    k = 4 if style.antialias else 1
+    mask = Image.new("L", (IMAGE_SIZE * k, IMAGE_SIZE * k), 0)
+    draw = ImageDraw.Draw(mask)
+    if scene.shape == "circle":
+        draw.ellipse([(cx - r) * k, (cy - r) * k, (cx + r) * k, (cy + r) * k], fill=255)
+    else:
+        draw.polygon([(x * k, y * k) for x, y in _polygon(scene.shape, cx, cy, r, angle)], fill=255)
+    if k > 1:
+        mask = mask.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+    image = Image.composite(Image.new("RGB", mask.size, colour), Image.fromarray(background, "RGB"), mask)
+    if style.jpeg_quality is not None:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=style.jpeg_quality)
+        image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
     return image
 
 
-def sample(n: int, seed: int = 0) -> Iterator[tuple[Image.Image, str]]:
-    """Yield `n` (image, caption) pairs, reproducible for a given seed."""
+def sample(n: int, seed: int = 0, style: Style | str | None = None) -> Iterator[tuple[Image.Image, str]]:
+    """Yield `n` (image, caption) pairs, reproducible for a given seed.
+
+    `style`: a Style, a name from HELD_OUT_STYLES, "random" (a fresh training style per image),
+    or None for the classic look.
+    """
     import numpy as np
 
+    if isinstance(style, str) and style != "random":
+        style = HELD_OUT_STYLES[style]
     rng = np.random.default_rng(seed)
     scenes = all_scenes()
     for _ in range(n):
         scene = scenes[int(rng.integers(len(scenes)))]
-        yield render(scene, seed=int(rng.integers(2**31))), scene.caption
+        image_seed = int(rng.integers(2**31))
+        look = random_style(np.random.default_rng(image_seed + 1)) if style == "random" else style
+        yield render(scene, seed=image_seed, style=look), scene.caption
