@@ -1,0 +1,186 @@
+"""Searching one index with result options: pre-filtering, exact re-ranking, near-duplicate
+collapse and maximal marginal relevance.
+
+The path of one query vector:
+1. `--where` becomes a row mask and a FAISS id selector, so the index itself skips rows that
+   do not match (pre-filtering: a selective filter still yields k hits where k rows match).
+2. The index returns `fetch_k` candidates (k when no option needs more).
+3. Candidates are re-scored exactly with the index's stored vectors (`vectors.f16.npy`, or
+   the FAISS storage of flat and HNSW indexes): approximate (IVF-PQ) scores are replaced.
+4. `dedupe` collapses near-duplicates, keeping the best of each group; `diversity` re-ranks the
+   rest with MMR. The first hit is always the nearest candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retriever.errors import RetrieverError
+from retriever.search.diversity import collapse_near_duplicates, mmr
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from retriever.index.store import TextIndex
+
+VECTORS_FILE = "vectors.f16.npy"
+# A filter matching at most this many rows is answered by exact brute force over those rows
+# (a few milliseconds), which always finds k when k rows match; larger ones search the index
+# with an id selector.
+BRUTE_FORCE_ROWS = 65_536
+# clip-retrieval's dedupe threshold. A query's default for `query` is chosen in the README
+# from `retriever eval --sweep dedupe=...` on the toy world; the library default is off.
+CLIP_RETRIEVAL_DEDUPE = 0.94
+
+
+@dataclass
+class ResultOptions:
+    """How a result list is made from an index's nearest neighbours.
+
+    Attributes:
+        diversity: MMR trade-off in [0, 1]: 0 is plain nearest order, 1 the most diverse.
+        fetch_k: candidates taken from the index before re-ranking (default max(10 k, 100)
+            when diversity or dedupe is on).
+        dedupe: collapse candidates whose texts' cosine is at least this (None: off).
+        where: a filter over the metadata columns (see `filters.py`).
+    """
+
+    diversity: float = 0.0
+    fetch_k: int | None = None
+    dedupe: float | None = None
+    where: str | None = None
+
+    def check(self) -> None:
+        if not 0.0 <= self.diversity <= 1.0 or self.diversity != self.diversity:
+            raise RetrieverError(f"diversity must be between 0 and 1, got {self.diversity}")
+        if self.fetch_k is not None and not 1 <= self.fetch_k <= 100_000:
+            raise RetrieverError(f"fetch_k must be between 1 and 100000, got {self.fetch_k}")
+        if self.dedupe is not None and not 0.0 < self.dedupe <= 1.0:
+            raise RetrieverError(f"dedupe is a cosine in (0, 1], got {self.dedupe}")
+
+    @property
+    def reranks(self) -> bool:
+        return self.diversity > 0 or self.dedupe is not None
+
+    def candidates(self, k: int) -> int:
+        if self.fetch_k is not None:
+            return max(k, self.fetch_k)
+        return max(10 * k, 100) if self.reranks else k
+
+
+def stored_vectors(index: TextIndex) -> Any | None:
+    """The index's exact vectors as an fp16 array [count, d] (memory-mapped), or None when the
+    index was built without them (`--no-vectors`, or before format 2)."""
+    import numpy as np
+
+    path = Path(index.path) / VECTORS_FILE
+    if not path.is_file():
+        return None
+    vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    if vectors.shape != (len(index), int(index.faiss_index.d)):
+        raise RetrieverError(f"{path}: damaged index: vectors are {vectors.shape}, the index has "
+                             f"{len(index)} x {index.faiss_index.d} (rebuild it with build-index --overwrite)")
+    return vectors
+
+
+def exact_vectors(index: TextIndex, ids: np.ndarray) -> np.ndarray:
+    """Exact float32 vectors of rows `ids`: stored ones, or reconstructed from a flat or HNSW
+    index. Raises RetrieverError saying what is needed when neither is possible."""
+    import numpy as np
+
+    vectors = stored_vectors(index)
+    if vectors is not None:
+        return np.asarray(vectors[np.asarray(ids)], dtype=np.float32)
+    factory = str(index.manifest.get("faiss_factory", ""))
+    if factory == "Flat" or factory.endswith(",Flat") and factory.startswith("HNSW"):
+        return index.faiss_index.reconstruct_batch(np.asarray(ids, dtype=np.int64))
+    raise RetrieverError(f"{index.path}: this {factory or 'approximate'} index has no stored vectors "
+                         f"({VECTORS_FILE}), which diversity, dedupe and --like need; rebuild it with "
+                         "build-index (without --no-vectors)")
+
+
+def search_parameters(index: TextIndex, mask: np.ndarray | None) -> tuple[Any, Any]:
+    """FAISS search parameters with an id selector for `mask` and the index's tuned nprobe or
+    efSearch (a parameters object replaces them, so they are set again here). Returns
+    (parameters or None, the bitmap that must outlive the search)."""
+    import numpy as np
+
+    from retriever.index.faiss_import import import_faiss
+
+    if mask is None:
+        return None, None
+    faiss = import_faiss()
+    bits = np.packbits(mask.astype(bool), bitorder="little")
+    selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
+    tuned = index.manifest.get("search_params") or {}
+    factory = str(index.manifest.get("faiss_factory", ""))
+    # Only a share of the visited rows match, so visit proportionally more to find as many.
+    widen = 1.0 / max(float(mask.mean()), 1e-6)
+    if factory.startswith("HNSW"):
+        ef = int(tuned.get("efSearch", 16))
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=int(min(max(ef, ef * widen), 4096)))
+    elif factory.startswith("IVF"):
+        nprobe = int(tuned.get("nprobe", 1))
+        nlist = int(faiss.extract_index_ivf(index.faiss_index).nlist)
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=int(min(max(nprobe, nprobe * widen), nlist)))
+    else:
+        params = faiss.SearchParameters(sel=selector)
+    return params, (bits, selector)
+
+
+def search_index(index: TextIndex, xq: np.ndarray, k: int, options: ResultOptions,
+                 mask: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each row of `xq`, (scores, row ids) of at most `k` hits under `options`.
+
+    `mask` is a precomputed --where row mask (None: every row).
+    """
+    import numpy as np
+
+    options.check()
+    xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
+    fetch = min(options.candidates(k), len(index))
+    D, I = _candidates(index, xq, fetch, mask)
+    out = []
+    for q, scores, ids in zip(xq, D, I):
+        valid = ids >= 0
+        scores, ids = scores[valid], ids[valid]
+        if options.reranks and len(ids):
+            xb = exact_vectors(index, ids)
+            scores = xb @ q
+            if options.dedupe is not None:
+                kept = collapse_near_duplicates(scores, xb, options.dedupe)
+                scores, ids, xb = scores[kept], ids[kept], xb[kept]
+            order = mmr(scores, xb, k, options.diversity)
+            scores, ids = scores[order], ids[order]
+        out.append((scores[:k], ids[:k]))
+    return out
+
+
+def _candidates(index: TextIndex, xq: np.ndarray, fetch: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(D, I) of the `fetch` nearest rows allowed by `mask`; -1 ids pad rows with fewer."""
+    import numpy as np
+
+    if mask is not None and mask.sum() <= BRUTE_FORCE_ROWS:
+        allowed = np.flatnonzero(mask)
+        try:
+            xb = exact_vectors(index, allowed) if len(allowed) else np.empty((0, xq.shape[1]), np.float32)
+        except RetrieverError:
+            xb = None  # no exact vectors: let the index filter
+        if xb is not None:
+            scores = xq @ xb.T
+            take = min(fetch, len(allowed))
+            D = np.full((len(xq), fetch), -np.inf, dtype=np.float32)
+            I = np.full((len(xq), fetch), -1, dtype=np.int64)
+            if take:
+                top = np.argsort(-scores, axis=1, kind="stable")[:, :take]
+                D[:, :take] = np.take_along_axis(scores, top, axis=1)
+                I[:, :take] = allowed[top]
+            return D, I
+    params, keep_alive = search_parameters(index, mask)
+    if params is None:
+        return index.faiss_index.search(xq, fetch)
+    D, I = index.faiss_index.search(xq, fetch, params=params)
+    del keep_alive  # the bitmap must live until the search has run
+    return D, I

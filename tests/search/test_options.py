@@ -1,0 +1,128 @@
+"""Result options over real FAISS indexes, against brute force over the same vectors."""
+
+import numpy as np
+import pytest
+
+from retriever.errors import RetrieverError
+from retriever.index.store import read_index
+from retriever.models import toyworld
+from retriever.search.diversity import collapse_near_duplicates, mmr
+from retriever.search.filters import where_mask
+from retriever.search.options import VECTORS_FILE, ResultOptions, exact_vectors, search_index
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The 256 toy captions, their partial captions and 3,000 flavor-like distractors, with metadata."""
+    from retriever.prompts.label_tables import builtin_labels
+
+    path = tmp_path_factory.mktemp("opts") / "corpus.tsv"
+    rows = [(s.caption, "toy", s.colour) for s in toyworld.all_scenes()]
+    rows += [(t, "partial", "") for template in toyworld.PARTIAL_TEMPLATES for t in toyworld.partial_captions(template)]
+    rows += [(t, "flavor", "") for t in builtin_labels("flavors")[:3000] if "\t" not in t]
+    path.write_text("text\tsource\tcolour\n" + "".join(f"{a}\t{b}\t{c}\n" for a, b, c in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def indexes(tmp_path_factory, corpus, toy_model):
+    from retriever.index.build import build_index
+
+    root = tmp_path_factory.mktemp("built")
+    out = {}
+    for kind in ("flat", "hnsw", "ivf"):
+        build_index(corpus, root / kind, toy_model, index_type=kind, show_progress_bar=False)
+        out[kind] = read_index(root / kind, use_gpu=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def queries(toy_model):
+    from retriever.models.encoder import Encoder
+
+    images = [toyworld.render(s, seed=70 + i) for i, s in enumerate(toyworld.all_scenes()[::37])]
+    return Encoder(toy_model).encode_image(images, show_progress_bar=False)
+
+
+def brute_vectors(index):
+    return index.faiss_index.reconstruct_n(0, len(index)) if "IVF" not in index.manifest["faiss_factory"] \
+        else exact_vectors(index, np.arange(len(index)))
+
+
+def test_plain_options_return_the_nearest(indexes, queries):
+    index = indexes["flat"]
+    xb = brute_vectors(index)
+    for (scores, ids), q in zip(search_index(index, queries, 10, ResultOptions()), queries):
+        assert ids.tolist() == np.argsort(-(xb @ q), kind="stable")[:10].tolist()
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_where_prefilters_and_still_returns_k(indexes, queries, kind):
+    index = indexes[kind]
+    mask = where_mask(index.texts, 'source = "toy" and colour in ("red", "blue")')
+    assert mask.sum() == 64
+    results = search_index(index, queries, 10, ResultOptions(), mask=mask)
+    for scores, ids in results:
+        assert len(ids) == 10 and mask[ids].all()
+    if kind == "flat":  # exact: the same as brute force over the matching rows
+        xb = brute_vectors(index)
+        for (scores, ids), q in zip(results, queries):
+            allowed = np.flatnonzero(mask)
+            assert set(ids.tolist()) == set(allowed[np.argsort(-(xb[allowed] @ q))[:10]].tolist())
+
+
+def test_where_with_fewer_matches_than_k(indexes, queries):
+    index = indexes["flat"]
+    mask = where_mask(index.texts, 'text = "a large red star on the left"')
+    (scores, ids), *_ = search_index(index, queries, 10, ResultOptions(), mask=mask)
+    assert len(ids) == 1
+
+
+def test_diversity_and_dedupe_match_reference(indexes, queries):
+    index = indexes["flat"]
+    xb = brute_vectors(index)
+    options = ResultOptions(diversity=0.5, dedupe=0.9, fetch_k=200)
+    _, I = index.faiss_index.search(queries, 200)
+    for (scores, ids), q, cand in zip(search_index(index, queries, 10, options), queries, I):
+        s = xb[cand] @ q
+        kept = collapse_near_duplicates(s, xb[cand], 0.9)
+        expected = cand[kept][mmr(s[kept], xb[cand][kept], 10, 0.5)]
+        assert ids.tolist() == expected.tolist()
+        assert ids[0] == cand[0]  # the nearest stays first
+        sims = xb[ids] @ xb[ids].T
+        assert (sims[~np.eye(len(ids), dtype=bool)] < 0.9 + 1e-5).all()
+
+
+def test_diversity_lowers_intra_list_similarity_with_top1_unchanged(indexes, queries):
+    index = indexes["hnsw"]
+    plain = search_index(index, queries, 10, ResultOptions())
+    diverse = search_index(index, queries, 10, ResultOptions(diversity=0.5))
+
+    def ils(ids):
+        v = exact_vectors(index, ids)
+        s = v @ v.T
+        return (s.sum() - len(ids)) / (len(ids) * (len(ids) - 1))
+
+    assert all(p[1][0] == d[1][0] for p, d in zip(plain, diverse))
+    assert np.mean([ils(d[1]) for d in diverse]) < np.mean([ils(p[1]) for p in plain]) - 0.05
+
+
+def test_approximate_index_without_vectors_says_what_it_needs(indexes, queries, tmp_path):
+    index = indexes["ivf"]
+    vectors = index.path / VECTORS_FILE
+    if vectors.exists():
+        vectors.rename(tmp_path / "kept.npy")
+    try:
+        with pytest.raises(RetrieverError, match="no stored vectors"):
+            search_index(index, queries, 10, ResultOptions(diversity=0.3))
+        assert len(search_index(index, queries, 10, ResultOptions())[0][1]) == 10  # plain search still works
+    finally:
+        if (tmp_path / "kept.npy").exists():
+            (tmp_path / "kept.npy").rename(vectors)
+
+
+@pytest.mark.parametrize("options", [ResultOptions(diversity=1.5), ResultOptions(dedupe=0.0),
+                                     ResultOptions(fetch_k=0), ResultOptions(diversity=float("nan"))])
+def test_bad_options(indexes, queries, options):
+    with pytest.raises(RetrieverError):
+        search_index(indexes["flat"], queries, 10, options)
