@@ -184,3 +184,34 @@ def _candidates(index: TextIndex, xq: np.ndarray, fetch: int, mask: np.ndarray |
     D, I = index.faiss_index.search(xq, fetch, params=params)
     del keep_alive  # the bitmap must live until the search has run
     return D, I
+
+
+_POOL: Any = None
+
+
+def _threads() -> Any:
+    """One thread pool for the process: starting threads per query would cost more than a search."""
+    global _POOL
+    if _POOL is None:
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="retriever-search")
+    return _POOL
+
+
+def search_indexes(indexes: list[TextIndex], xq: np.ndarray, k: int, options: ResultOptions,
+                   masks: list[np.ndarray | None] | None = None) -> list[list[tuple[int, float, int]]]:
+    """Search several indexes built with one model and merge by score: for each row of `xq`, the
+    `k` best (index position, score, row id). The indexes are searched in parallel threads
+    (FAISS releases the GIL), so two cost about as much as the slower one where cores allow."""
+    masks = masks or [None] * len(indexes)
+    if len(indexes) == 1:
+        per_index = [search_index(indexes[0], xq, k, options, masks[0])]
+    else:
+        per_index = list(_threads().map(lambda a: search_index(a[0], xq, k, options, a[1]), zip(indexes, masks)))
+    merged = []
+    for q in range(len(per_index[0])):
+        hits = [(n, float(s), int(i)) for n, results in enumerate(per_index) for s, i in zip(*results[q])]
+        merged.append(sorted(hits, key=lambda h: -h[1])[:k])
+    return merged

@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""B7: what diversity, filters and several indexes cost per query, against plain search.
+
+The corpus is 1,000,000 captions: clip-interrogator's flavors plus synthetic pairs of short
+flavors, with a `bucket` column (row number mod 10, so `bucket = 3` keeps 10% of rows), built
+into flat and HNSW indexes with `build_index` and the bundled toyworld model (d=128). Queries
+are toy images' vectors, one at a time (a user's query), so each time is one query's latency.
+
+For each index type it prints the p50 and p95 of `search_index` with:
+- plain options (the baseline);
+- `diversity=0.5, fetch_k=1000` (exact re-ranking plus MMR over 1,000 candidates);
+- `--where "bucket = 3"` (the mask is computed per query, as the CLI does);
+- two indexes (this one and a second built from the same model) searched and merged, against
+  the slower of the two alone.
+
+    python bench/b7_result_options.py --n 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import flavors, machine, synthetic_captions
+
+from retriever.index.build import build_index
+from retriever.index.store import read_index
+from retriever.models import toyworld
+from retriever.models.encoder import Encoder
+from retriever.models.loading import load_model
+from retriever.search.filters import where_mask
+from retriever.search.options import ResultOptions, search_index, search_indexes
+
+
+def write_corpus(path: Path, n: int, seed: int) -> None:
+    texts = list(dict.fromkeys(flavors() + synthetic_captions(n, seed=seed)))[:n]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("text\tbucket\n")
+        for i, text in enumerate(texts):
+            f.write(f"{text.replace(chr(9), ' ')}\t{i % 10}\n")
+
+
+def latencies(fn, xq: np.ndarray) -> np.ndarray:
+    fn(xq[:1])
+    out = []
+    for q in xq:
+        start = time.perf_counter()
+        fn(q[None])
+        out.append(time.perf_counter() - start)
+    return np.array(out) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--types", default="flat,hnsw")
+    parser.add_argument("--work", type=Path, default=None, help="keep built indexes here between runs")
+    args = parser.parse_args()
+
+    print(f"machine: {machine()}")
+    work = args.work or Path(tempfile.mkdtemp(prefix="b7-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = load_model("toyworld", device="cpu")
+    images = [im for im, _ in toyworld.sample(args.queries, seed=5)]
+    encoder = Encoder(model)
+    xq = encoder.encode_image(images, show_progress_bar=False)
+    encode = latencies(lambda q: encoder.encode_image(images[:1], show_progress_bar=False), xq[:50])
+    print(f"image encoding alone (toyworld, one image): p50 {np.median(encode):.2f} ms; 'end to end' adds it to both sides")
+    for corpus_seed in (1, 2):
+        corpus = work / f"corpus{corpus_seed}.tsv"
+        if not corpus.exists():
+            write_corpus(corpus, args.n, corpus_seed)
+    print(f"{'index':6} {'options':28} {'p50 ms':>8} {'p95 ms':>8} {'vs plain':>9} {'end to end':>11}  hits")
+    for kind in args.types.split(","):
+        opened = []
+        for corpus_seed in (1, 2):
+            out = work / f"{kind}{corpus_seed}"
+            if not (out / "manifest.json").exists():
+                start = time.perf_counter()
+                build_index(work / f"corpus{corpus_seed}.tsv", out, model, index_type=kind, overwrite=True,
+                            show_progress_bar=False)
+                print(f"built {out} in {time.perf_counter() - start:.0f}s", flush=True)
+            opened.append(read_index(out, use_gpu=False))
+        index, other = opened
+        plain = ResultOptions()
+        base = latencies(lambda q: search_index(index, q, 10, plain), xq)
+        other_alone = latencies(lambda q: search_index(other, q, 10, plain), xq)
+        diverse = ResultOptions(diversity=0.5, fetch_k=1000)
+
+        def filtered(q):
+            return search_index(index, q, 10, plain, mask=where_mask(index.texts, "bucket = 3"))
+
+        def both(q):
+            return search_indexes(opened, q, 10, plain)
+
+        rows = [("plain", base, 10),
+                ("diversity 0.5, fetch-k 1000", latencies(lambda q: search_index(index, q, 10, diverse), xq), 10),
+                ('where "bucket = 3" (10%)', latencies(filtered, xq), len(filtered(xq[:1])[0][1])),
+                ("two indexes", latencies(both, xq), 10)]
+        for name, times, hits in rows:
+            reference = max(np.median(base), np.median(other_alone)) if name == "two indexes" else np.median(base)
+            e2e = (np.median(times) + np.median(encode)) / (reference + np.median(encode))
+            print(f"{kind:6} {name:28} {np.median(times):8.2f} {np.percentile(times, 95):8.2f} "
+                  f"{np.median(times) / reference:8.2f}x {e2e:10.2f}x  {hits}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
