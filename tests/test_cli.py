@@ -40,7 +40,7 @@ def test_query_json_schema(run, toy_index, toy_images):
     assert result.exit_code == 0
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 4
-    assert set(lines[0]) == {"image", "rank", "text", "score", "id", "metadata", "source"}
+    assert set(lines[0]) == {"image", "rank", "text", "score", "id", "metadata", "source", "index"}
     assert [l["rank"] for l in lines] == [1, 2, 1, 2]
     assert lines[0]["text"] == toy_images[0][1] and lines[2]["text"] == toy_images[1][1]
 

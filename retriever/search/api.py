@@ -38,13 +38,14 @@ FALLBACK_MIN_SCORE = 0.3
 class Hit:
     """One caption idea: `score` is its cosine to the query under the index model (None when no
     index model scored it), `id` its row in the index (None when generated), `source` where it
-    came from (`retrieved` or `generated`)."""
+    came from (`retrieved` or `generated`), `index` which index it came from."""
 
     text: str
     score: float | None
     id: int | None
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = "retrieved"
+    index: str | None = None  # the index directory's name (several can be searched at once)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,11 +59,15 @@ class Retriever:
         >>> [(h.text, h.source) for h in r.query("cat.png", k=3, mode="hybrid")]
     """
 
-    def __init__(self, index: TextIndex | None, model: LoadedModel | None, generator: LoadedModel | None = None):
-        if index is not None:
+    def __init__(self, index: TextIndex | None, model: LoadedModel | None, generator: LoadedModel | None = None,
+                 more_indexes: Sequence[TextIndex] = ()):
+        self.indexes = ([index] if index is not None else []) + list(more_indexes)
+        for i, opened in enumerate(self.indexes):
             assert model is not None
-            check_built_with(index.manifest, model, index.path,
-                             "query it with the model that built it, or rebuild the index")
+            check_built_with(opened.manifest, model, opened.path,
+                             "query it with the model that built it, or rebuild the index" if i == 0 else
+                             f"indexes searched together must share one model (the first, {self.indexes[0].path}, "
+                             f"was built with {model.spec})")
         self.index = index
         self.model = model
         self.encoder = Encoder(model) if model is not None else None
@@ -70,11 +75,14 @@ class Retriever:
         self._captioner = None
 
     @classmethod
-    def open(cls, index: str | Path | None = None, model: str | None = None, pretrained: str | None = None,
-             device: str | None = None, precision: str = "fp32", generator: str | LoadedModel | None = None,
-             generator_pretrained: str | None = None) -> Retriever:
+    def open(cls, index: str | Path | Sequence[str | Path] | None = None, model: str | None = None,
+             pretrained: str | None = None, device: str | None = None, precision: str = "fp32",
+             generator: str | LoadedModel | None = None, generator_pretrained: str | None = None) -> Retriever:
         """Open an index with the model recorded in its manifest (or `model`/`pretrained`, which
         must be the same weights, e.g. a checkpoint that has moved), and optionally a generator.
+
+        `index` may also be a list of index directories built with one model: queries search
+        them all and merge the hits by score (each hit names its index).
 
         `generator` is a CoCa model: `toyworld-coca`, `NAME:TAG` (e.g.
         `coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k`), a name with `generator_pretrained`,
@@ -90,14 +98,17 @@ class Retriever:
             from retriever.generate.captioner import Captioner
 
             Captioner(loaded_gen)  # fail now, not at the first query, if it cannot write
-        if index is None:
+        paths = [] if index is None else [index] if isinstance(index, (str, Path)) else list(index)
+        if not paths:
             return cls(None, None, loaded_gen)
-        manifest = read_manifest(index)
+        manifest = read_manifest(paths[0])
         recorded = manifest["model"]
         if model is None:
             model, pretrained = recorded["name"], pretrained or recorded["pretrained"]
         loaded = load_model(model, pretrained, device=device, precision=precision)
-        return cls(read_index(index, use_gpu=None if device in (None, "cuda") else False), loaded, loaded_gen)
+        use_gpu = None if device in (None, "cuda") else False
+        first, *rest = [read_index(path, use_gpu=use_gpu) for path in paths]
+        return cls(first, loaded, loaded_gen, rest)
 
     @property
     def captioner(self):
@@ -127,6 +138,13 @@ class Retriever:
         always_generate: bool = False,
         n_generate: int = 1,
         batch_size: int = 64,
+        text: str | None = None,
+        plus: Sequence[str | tuple[str, float]] = (),
+        minus: Sequence[str | tuple[str, float]] = (),
+        diversity: float = 0.0,
+        fetch_k: int | None = None,
+        dedupe: float | None = None,
+        where: str | None = None,
     ) -> list[list[Hit]]:
         """Caption ideas for several images.
 
@@ -139,6 +157,13 @@ class Retriever:
                 (default: per model, see DEFAULT_MIN_SCORE).
             always_generate: hybrid generates whatever the retrieved scores.
             n_generate: captions to generate per image (the n best beams, or n samples).
+            text: a text combined with each image (image + text, normalised): "in winter".
+            plus, minus: texts (or (text, weight) pairs, or "text:weight") that push each query
+                towards or away from them: normalise(image + sum(w plus) - sum(w minus)).
+            diversity: 0 (plain nearest) to 1 (most diverse): MMR over `fetch_k` candidates.
+            fetch_k: candidates for re-ranking (default max(10 k, 100) when re-ranking).
+            dedupe: collapse hits whose texts' cosine is at least this, keeping the best.
+            where: a filter over metadata columns, e.g. `source = "coco" and len < 60`.
         """
         from PIL import Image
 
@@ -152,7 +177,8 @@ class Retriever:
             scores = self._similarities(pil, generated) if self.encoder is not None else None
             return [self._generated_hits(texts, None if scores is None else scores[i]) for i, texts in enumerate(generated)]
         xq = self._require_encoder().encode_image(pil, batch_size=batch_size, show_progress_bar=False)
-        results = self.search(xq, k)
+        xq = self.steer(xq, text=text, plus=plus, minus=minus)
+        results = self.search(xq, k, diversity=diversity, fetch_k=fetch_k, dedupe=dedupe, where=where)
         if mode == "retrieve":
             return results
         threshold = self.default_min_score() if min_score is None else min_score
@@ -166,21 +192,82 @@ class Retriever:
                 results[i] = sorted(merged, key=lambda h: -h.score)[:k]
         return results
 
-    def query_text(self, text: str, k: int = 10) -> list[Hit]:
-        """The `k` indexed texts nearest to a text query."""
-        return self.search(self._require_encoder().encode_text([text], show_progress_bar=False), k)[0]
+    def query_text(self, text: str, k: int = 10, plus: Sequence[str | tuple[str, float]] = (),
+                   minus: Sequence[str | tuple[str, float]] = (), **options: Any) -> list[Hit]:
+        """The `k` indexed texts nearest to a text query (steering and result options as in `query_many`)."""
+        if not text or not text.strip():
+            raise RetrieverError("the text query is empty")
+        xq = self.steer(self._require_encoder().encode_text([text], show_progress_bar=False), plus=plus, minus=minus)
+        return self.search(xq, k, **options)[0]
 
-    def search(self, xq: np.ndarray, k: int) -> list[list[Hit]]:
-        """Hits for each row of `xq` (normalised query vectors from this model)."""
-        if self.index is None:
+    def query_blend(self, images: Sequence[str | Path | Image.Image], weights: Sequence[float] | None = None,
+                    k: int = 10, text: str | None = None, plus: Sequence[str | tuple[str, float]] = (),
+                    minus: Sequence[str | tuple[str, float]] = (), **options: Any) -> list[Hit]:
+        """One result list for several images blended (weighted, normalised), optionally steered."""
+        from PIL import Image
+
+        from retriever.search.steering import blend
+
+        if not images:
+            raise RetrieverError("blend needs at least one image")
+        pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+        xq = blend(self._require_encoder().encode_image(pil, show_progress_bar=False), weights)[None]
+        return self.search(self.steer(xq, text=text, plus=plus, minus=minus), k, **options)[0]
+
+    def more_like(self, id: int, k: int = 10, index: int = 0, **options: Any) -> list[Hit]:
+        """Hits for an indexed text's own stored vector ("more like this"): row `id` of index number `index`."""
+        from retriever.search.options import exact_vectors
+
+        if not self.indexes:
+            raise RetrieverError("more like this needs an index")
+        if not 0 <= index < len(self.indexes):
+            raise RetrieverError(f"no index number {index} (this Retriever has {len(self.indexes)})")
+        source = self.indexes[index]
+        if not 0 <= int(id) < len(source):
+            raise RetrieverError(f"{source.path}: no row {id} (ids run from 0 to {len(source) - 1})")
+        return self.search(exact_vectors(source, [int(id)]), k, **options)[0]
+
+    def steer(self, xq: np.ndarray, text: str | None = None, plus: Sequence[str | tuple[str, float]] = (),
+              minus: Sequence[str | tuple[str, float]] = ()) -> np.ndarray:
+        """Query vectors `xq` combined with a text and pushed by weighted modifiers, normalised."""
+        from retriever.search.steering import normalise, parse_weighted, steer
+
+        if text is None and not plus and not minus:
+            return xq
+        encoder = self._require_encoder()
+
+        def weighted(specs: Sequence[str | tuple[str, float]]) -> tuple[Any, list[float]]:
+            pairs = [parse_weighted(s) if isinstance(s, str) else (str(s[0]), float(s[1])) for s in specs]
+            if not pairs:
+                return None, []
+            return encoder.encode_text([t for t, _ in pairs], show_progress_bar=False), [w for _, w in pairs]
+
+        if text is not None:
+            if not text.strip():
+                raise RetrieverError("the text to combine with the image is empty")
+            xq = normalise(xq + encoder.encode_text([text], show_progress_bar=False))
+        plus_v, plus_w = weighted(plus)
+        minus_v, minus_w = weighted(minus)
+        return steer(xq, plus_v, plus_w, minus_v, minus_w)
+
+    def search(self, xq: np.ndarray, k: int, diversity: float = 0.0, fetch_k: int | None = None,
+               dedupe: float | None = None, where: str | None = None) -> list[list[Hit]]:
+        """Hits for each row of `xq` (normalised query vectors from this model), from every index
+        merged by score, with the result options of `query_many`."""
+        from retriever.search.filters import where_mask
+        from retriever.search.options import ResultOptions, search_indexes
+
+        if not self.indexes:
             raise RetrieverError("this mode needs an index (build one with `retriever build-index`)")
         if k < 1:
             raise RetrieverError(f"k must be at least 1, got {k}")
-        D, I = self.index.search(xq, k)
+        options = ResultOptions(diversity=diversity, fetch_k=fetch_k, dedupe=dedupe, where=where)
+        masks = [where_mask(index.texts, where) for index in self.indexes] if where else None
+        names = [Path(index.path).name for index in self.indexes]
         results = []
-        for scores, ids in zip(D, I):
-            rows = self.index.rows([int(i) for i in ids if i >= 0])
-            results.append([_hit(row, float(s)) for row, s in zip(rows, scores)])
+        for hits in search_indexes(self.indexes, xq, k, options, masks):
+            rows = [self.indexes[n].rows([i])[0] for n, _, i in hits]
+            results.append([_hit(row, score, names[n]) for row, (n, score, _) in zip(rows, hits)])
         return results
 
     def _require_encoder(self) -> Encoder:
@@ -200,9 +287,9 @@ class Retriever:
         return sorted(hits, key=lambda h: -h.score) if scores is not None else hits
 
 
-def _hit(row: dict, score: float) -> Hit:
+def _hit(row: dict, score: float, index: str | None = None) -> Hit:
     row = {key: _plain(value) for key, value in row.items()}
-    return Hit(text=row.pop("text"), score=score, id=int(row.pop("id")), metadata=row)
+    return Hit(text=row.pop("text"), score=score, id=int(row.pop("id")), metadata=row, index=index)
 
 
 def _plain(value: Any) -> Any:

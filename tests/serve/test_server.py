@@ -44,7 +44,7 @@ def test_multipart_query_returns_the_cli_hit_schema(client, sample):
     assert body["index"] == "toy" and body["mode"] == "retrieve" and body["k"] == 3
     hits = body["hits"]
     assert hits[0]["text"] == sample[1] and hits[0]["image"] == "x.png"
-    assert set(hits[0]) == {"image", "rank", "text", "score", "id", "metadata", "source"}
+    assert set(hits[0]) == {"image", "rank", "text", "score", "id", "metadata", "source", "index"}
     assert [h["rank"] for h in hits] == [1, 2, 3]
 
 
