@@ -38,6 +38,7 @@ from retriever.cli.common import (
     stderr,
 )
 from retriever.errors import RetrieverError
+from retriever.search.options import DEFAULT_QUERY_DEDUPE
 
 
 @app.command("build-index")
@@ -94,10 +95,18 @@ def build_index_cmd(
 @app.command()
 @friendly_errors
 def query(
-    images: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders or globs.", show_default=False)] = None,
+    images: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders or globs (PATH:WEIGHT with --blend).", show_default=False)] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="Texts per query.")] = 10,
-    index: Annotated[Optional[Path], typer.Option("--index", "-i", help="Index directory (default: the only one under indexes/).")] = None,
-    text: Annotated[Optional[str], typer.Option("--text", "-t", help="Query with this text instead of images.")] = None,
+    index: Annotated[Optional[list[Path]], typer.Option("--index", "-i", help="Index directory (default: the only one under indexes/); repeat to search several built with one model.")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", "-t", help="Query with this text; with images, combine it with each image.")] = None,
+    plus: Annotated[Optional[list[str]], typer.Option("--plus", help='Push results towards a text, optionally weighted: --plus "film noir" --plus autumn:0.5.')] = None,
+    minus: Annotated[Optional[list[str]], typer.Option("--minus", help="Push results away from a text (TEXT or TEXT:WEIGHT).")] = None,
+    blend: Annotated[bool, typer.Option(help="Blend all images into one query (weights as PATH:WEIGHT).")] = False,
+    like: Annotated[Optional[int], typer.Option("--like", help="More like this: query with the stored vector of this id in the (first) index.")] = None,
+    diversity: Annotated[float, typer.Option(min=0.0, max=1.0, help="0 = plain nearest, 1 = most diverse (MMR over --fetch-k candidates).")] = 0.0,
+    fetch_k: Annotated[Optional[int], typer.Option(min=1, max=100_000, help="Candidates to re-rank (default: max(10 k, 100)).")] = None,
+    dedupe: Annotated[Optional[str], typer.Option(help=f"Collapse hits whose texts' cosine is at least this (default {DEFAULT_QUERY_DEDUPE}); 'off' keeps near-duplicates.")] = None,
+    where: Annotated[Optional[str], typer.Option(help='Filter on metadata: source = "coco" and len < 60; lang in ("en", "zh"); title contains "cat".')] = None,
     mode: Annotated[str, typer.Option(help="retrieve (indexed texts), generate (captions from --generator) or hybrid (both, reranked).")] = "retrieve",
     generator: GeneratorOpt = None,
     min_score: Annotated[Optional[float], typer.Option(help="hybrid: generate when the best retrieved score is below this (default: per model, see README).")] = None,
@@ -121,69 +130,96 @@ def query(
 ) -> None:
     """Caption ideas for each image: the K nearest texts of an index, generated captions, or both.
 
-    Example: retriever query cat.jpg photos/ -k 5 --index indexes/coco --json
+    Results can be steered (--plus, --minus, --text), spread out (--diversity), filtered
+    (--where) and drawn from several indexes (--index a --index b).
+
+    Example: retriever query cat.jpg -k 5 --plus "film noir" --diversity 0.5 --index indexes/coco --json
     """
-    from retriever.search.api import MODES, Retriever
     from retriever.generate.decoding import DecodeOptions
+    from retriever.search.api import MODES, Retriever
 
     if mode not in MODES:
         raise typer.BadParameter(f"choose from {', '.join(MODES)}", param_hint="--mode")
-    if not images and text is None:
-        raise typer.BadParameter("give one or more images, or --text", param_hint="IMAGES")
-    if images and text is not None:
-        raise typer.BadParameter("give images or --text, not both", param_hint="--text")
-    if text is not None and mode != "retrieve":
-        raise typer.BadParameter("--text queries only retrieve", param_hint="--mode")
+    if not images and text is None and like is None:
+        raise typer.BadParameter("give one or more images, --text or --like", param_hint="IMAGES")
+    if like is not None and (images or text is not None):
+        raise typer.BadParameter("--like queries with an indexed text alone", param_hint="--like")
+    if text is not None and not text.strip():
+        raise typer.BadParameter("the text is empty", param_hint="--text")
+    if (text is not None and not images or like is not None) and mode != "retrieve":
+        raise typer.BadParameter("text and --like queries only retrieve", param_hint="--mode")
+    if blend and len(images or []) < 2:
+        raise typer.BadParameter("--blend needs two or more images", param_hint="--blend")
+    if blend and mode != "retrieve":
+        raise typer.BadParameter("blended queries only retrieve", param_hint="--mode")
     if mode != "retrieve" and generator is None:
         from retriever.generate.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
 
         generator = f"{DEFAULT_GENERATOR}:{DEFAULT_GENERATOR_PRETRAINED}"
-    index_path = index if mode == "generate" else find_index(index)
-    retriever = Retriever.open(index_path, model=model, pretrained=pretrained, device=device, precision=precision,
+    indexes = None if mode == "generate" else (index or [find_index(None)])
+    retriever = Retriever.open(indexes, model=model, pretrained=pretrained, device=device, precision=precision,
                                generator=generator if mode != "retrieve" else None)
+    result_options = {"diversity": diversity, "fetch_k": fetch_k, "where": where,
+                      "dedupe": _dedupe(dedupe, retriever), "plus": plus or [], "minus": minus or []}
     decode = DecodeOptions(decoding, beams, beam_groups, top_k, top_p, temperature, min_len, max_len, repetition_penalty, seed)
     options = {"mode": mode, "decode": decode, "min_score": min_score, "always_generate": always_generate,
                "n_generate": n_generate}
-    if not _answer(retriever, images or [], text, k, options, as_json):
+    if mode != "generate":
+        options.update(result_options)
+    if like is not None or blend or (text is not None and not images):
+        _answer_single(retriever, images or [], text, like, k, result_options, as_json, where)
+        return
+    if not _answer(retriever, images or [], text, k, options, as_json, where):
         raise typer.Exit(1)
 
 
-@app.command()
-@friendly_errors
-def caption(
-    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.", show_default=False)],
-    generator: GeneratorOpt = None,
-    n: NGenerateOpt = 1,
-    decoding: DecodingOpt = "beam",
-    beams: BeamsOpt = 6,
-    beam_groups: BeamGroupsOpt = 1,
-    top_k: TopKOpt = 50,
-    top_p: TopPOpt = 0.9,
-    temperature: TemperatureOpt = 1.0,
-    min_len: MinLenOpt = 5,
-    max_len: MaxLenOpt = 30,
-    repetition_penalty: RepetitionOpt = 1.0,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
-    precision: PrecisionOpt = "fp32",
-    as_json: JsonOpt = False,
-) -> None:
-    """Write captions for images with a CoCa model (query --mode generate, without an index).
+def _dedupe(value: str | None, retriever) -> float | None:
+    """--dedupe: a cosine, 'off', or (None) the default where every index can re-rank exactly."""
+    from retriever.search.options import can_rerank
 
-    Example: retriever caption cat.jpg --beams 6 --generator coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k
-    """
-    from retriever.search.api import Retriever
-    from retriever.generate.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
-    from retriever.generate.decoding import DecodeOptions
-
-    generator = generator or f"{DEFAULT_GENERATOR}:{DEFAULT_GENERATOR_PRETRAINED}"
-    retriever = Retriever.open(None, device=device, precision=precision, generator=generator)
-    decode = DecodeOptions(decoding, beams, beam_groups, top_k, top_p, temperature, min_len, max_len, repetition_penalty, seed)
-    if not _answer(retriever, images, None, n, {"mode": "generate", "decode": decode, "n_generate": n}, as_json):
-        raise typer.Exit(1)
+    if value is None:
+        if retriever.indexes and all(can_rerank(index) for index in retriever.indexes):
+            return DEFAULT_QUERY_DEDUPE
+        return None
+    if value.strip().lower() in ("off", "none", "no"):
+        return None
+    try:
+        cosine = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"a cosine such as 0.95, or off (got {value!r})", param_hint="--dedupe") from None
+    if not 0.0 < cosine <= 1.0:
+        raise typer.BadParameter(f"a cosine in (0, 1], or off (got {value})", param_hint="--dedupe")
+    return cosine
 
 
-def _answer(retriever, images: list[str], text: str | None, k: int, options: dict, as_json: bool) -> bool:
+def _answer_single(retriever, images: list[str], text: str | None, like: int | None, k: int, options: dict,
+                   as_json: bool, where: str | None) -> None:
+    """One result list: a text query, a blend of images (with --text steering it), or --like."""
+    from retriever.search.steering import parse_weighted
+
+    if like is not None:
+        label_key, label, hits = "like", str(like), retriever.more_like(like, k=k, **options)
+    elif images:
+        pairs = [parse_weighted(image) for image in images]
+        label_key, label = "blend", " + ".join(f"{p}:{w:g}" for p, w in pairs)
+        hits = retriever.query_blend([p for p, _ in pairs], [w for _, w in pairs], k=k, text=text, **options)
+    else:
+        label_key, label, hits = "query_text", text, retriever.query_text(text, k=k, **options)
+    _note_short(hits, k, where)
+    if as_json:
+        for rank, hit in enumerate(hits, start=1):
+            emit_json({label_key: label, "rank": rank, **hit.to_dict()})
+    else:
+        print_table([(label, rank, h.score, h.source, h.text) for rank, h in enumerate(hits, start=1)], with_source=False)
+
+
+def _note_short(hits: list, k: int, where: str | None) -> None:
+    if where and len(hits) < k:
+        stderr(f"note: only {len(hits)} indexed texts match --where {where!r}")
+
+
+def _answer(retriever, images: list[str], text: str | None, k: int, options: dict, as_json: bool,
+            where: str | None = None) -> bool:
     """Query and print results (a table, or JSON lines); returns False if any image failed."""
     rows: list[tuple[str, int, float | None, str, str]] = []
 
@@ -194,11 +230,10 @@ def _answer(retriever, images: list[str], text: str | None, k: int, options: dic
             else:
                 rows.append((label, rank, hit.score, hit.source, hit.text))
 
-    if text is not None:
-        show("query_text", text, retriever.query_text(text, k=k))
     batches = ImageBatches(images)
     for batch in batches:
-        for (label, _), hits in zip(batch, retriever.query_many([im for _, im in batch], k=k, **options)):
+        for (label, _), hits in zip(batch, retriever.query_many([im for _, im in batch], k=k, text=text, **options)):
+            _note_short(hits, k, where)
             show("image", label, hits)
     if rows:
         print_table(rows, with_source=options.get("mode", "retrieve") != "retrieve")

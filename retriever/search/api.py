@@ -214,7 +214,8 @@ class Retriever:
         xq = blend(self._require_encoder().encode_image(pil, show_progress_bar=False), weights)[None]
         return self.search(self.steer(xq, text=text, plus=plus, minus=minus), k, **options)[0]
 
-    def more_like(self, id: int, k: int = 10, index: int = 0, **options: Any) -> list[Hit]:
+    def more_like(self, id: int, k: int = 10, index: int = 0, plus: Sequence[str | tuple[str, float]] = (),
+                  minus: Sequence[str | tuple[str, float]] = (), **options: Any) -> list[Hit]:
         """Hits for an indexed text's own stored vector ("more like this"): row `id` of index number `index`."""
         from retriever.search.options import exact_vectors
 
@@ -225,7 +226,8 @@ class Retriever:
         source = self.indexes[index]
         if not 0 <= int(id) < len(source):
             raise RetrieverError(f"{source.path}: no row {id} (ids run from 0 to {len(source) - 1})")
-        return self.search(exact_vectors(source, [int(id)]), k, **options)[0]
+        xq = self.steer(exact_vectors(source, [int(id)]), plus=plus, minus=minus)
+        return self.search(xq, k, **options)[0]
 
     def steer(self, xq: np.ndarray, text: str | None = None, plus: Sequence[str | tuple[str, float]] = (),
               minus: Sequence[str | tuple[str, float]] = ()) -> np.ndarray:

@@ -33,6 +33,7 @@ BRUTE_FORCE_ROWS = 65_536
 # clip-retrieval's dedupe threshold. A query's default for `query` is chosen in the README
 # from `retriever eval --sweep dedupe=...` on the toy world; the library default is off.
 CLIP_RETRIEVAL_DEDUPE = 0.94
+DEFAULT_QUERY_DEDUPE = 0.95
 
 
 @dataclass
@@ -85,6 +86,13 @@ def stored_vectors(index: TextIndex) -> Any | None:
     return vectors
 
 
+def can_rerank(index: TextIndex) -> bool:
+    """Whether exact vectors are available: stored, or held by a flat or HNSW index."""
+    factory = str(index.manifest.get("faiss_factory", ""))
+    return (Path(index.path) / VECTORS_FILE).is_file() or factory == "Flat" or \
+        (factory.startswith("HNSW") and factory.endswith(",Flat"))
+
+
 def exact_vectors(index: TextIndex, ids: np.ndarray) -> np.ndarray:
     """Exact float32 vectors of rows `ids`: stored ones, or reconstructed from a flat or HNSW
     index. Raises RetrieverError saying what is needed when neither is possible."""
@@ -94,7 +102,7 @@ def exact_vectors(index: TextIndex, ids: np.ndarray) -> np.ndarray:
     if vectors is not None:
         return np.asarray(vectors[np.asarray(ids)], dtype=np.float32)
     factory = str(index.manifest.get("faiss_factory", ""))
-    if factory == "Flat" or factory.endswith(",Flat") and factory.startswith("HNSW"):
+    if can_rerank(index):
         return index.faiss_index.reconstruct_batch(np.asarray(ids, dtype=np.int64))
     raise RetrieverError(f"{index.path}: this {factory or 'approximate'} index has no stored vectors "
                          f"({VECTORS_FILE}), which diversity, dedupe and --like need; rebuild it with "
