@@ -83,7 +83,8 @@ def interrogate(
     batches = ImageBatches(images)
     for loaded_images in batches:
         results = interrogator.interrogate_many([im for _, im in loaded_images], mode=mode, caption="" if no_caption else caption,
-                                                min_flavors=min_flavors, max_flavors=max_flavors)
+                                                min_flavors=min_flavors, max_flavors=max_flavors,
+                                                on_progress=None if quiet else ChainProgress(mode))
         for (label, _), result in zip(loaded_images, results):
             result.image = label
             if as_json:
@@ -92,6 +93,39 @@ def interrogate(
                 print(result.prompt if len(batches.paths) == 1 else f"{label}\t{result.prompt}", flush=True)
     if batches.failed:
         raise typer.Exit(1)
+
+
+class ChainProgress:
+    """A progress line on stderr for best and negative mode's chain once it has run a second:
+    rewritten in place on a terminal, a line every 10 s otherwise."""
+
+    def __init__(self, mode: str):
+        import sys
+        import time
+
+        self.mode, self.tty, self.clock = mode, sys.stderr.isatty(), time.perf_counter
+        self.start = self.last = self.clock()
+        self.shown = False
+
+    def __call__(self, step: int, most: int, similarity: float) -> None:
+        import sys
+
+        now = self.clock()
+        if now - self.start < 1.0 or (not self.tty and now - self.last < 10.0):
+            return
+        line = f"{self.mode}: step {step} of at most {most}, similarity {similarity:.4f}"
+        if self.tty:
+            sys.stderr.write("\r" + line + "\x1b[K")
+            sys.stderr.flush()
+        else:
+            stderr(line)
+        self.last, self.shown = now, True
+
+    def __del__(self) -> None:
+        import sys
+
+        if self.shown and self.tty:
+            sys.stderr.write("\n")
 
 
 @app.command("interrogate-tables")

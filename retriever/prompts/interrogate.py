@@ -170,7 +170,8 @@ class Interrogator:
 
     def interrogate_many(self, images: Sequence[str | Path | Image.Image], mode: str = "best",
                          caption: str | None = None, min_flavors: int = DEFAULT_MIN_FLAVORS,
-                         max_flavors: int | None = None) -> list[Interrogation]:
+                         max_flavors: int | None = None,
+                         on_progress: Callable[[int, int, float], None] | None = None) -> list[Interrogation]:
         """Prompts for several images.
 
         Args:
@@ -180,6 +181,8 @@ class Interrogator:
                 configured: no caption), "" means none. Negative mode uses no caption.
             min_flavors: best mode adds at least this many terms before it may stop.
             max_flavors: most terms (flavors in classic); default per mode, see DEFAULT_MAX_FLAVORS.
+            on_progress: called after each chain step of best and negative mode with
+                (step, at most this many steps, the similarity reached).
         """
         from PIL import Image
 
@@ -199,6 +202,7 @@ class Interrogator:
         else:
             captions = [""] * len(pil)
         xq = self.encoder.encode_image(pil, batch_size=self.batch_size, show_progress_bar=False)
+        self.builder.on_step = on_progress
         results = []
         for label, features, base in zip(labels, xq, captions):
             if mode == "negative":

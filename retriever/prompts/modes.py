@@ -6,6 +6,7 @@ Each mode returns the prompt as pieces, so the chosen terms are known without pa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,9 +36,13 @@ class PromptBuilder:
 
     def __init__(self, model: LoadedModel, tables: list[LabelTable],
                  flavor_intermediate_count: int = FLAVOR_INTERMEDIATE_COUNT, batch_size: int = 256):
+        from retriever.models.prefix import PrefixScorer
+
         self.model = model
         self.encoder = Encoder(model)
+        self.scorer = PrefixScorer(model, ", ", batch_size)
         self.tables = tables
+        self.on_step: Callable[[int, int, float], None] | None = None
         self.flavor_intermediate_count = flavor_intermediate_count
         self.batch_size = batch_size
 
@@ -110,6 +115,7 @@ class PromptBuilder:
         negated sims against a plain one).
         """
         sign = -1.0 if reverse else 1.0
+        on_step = self.on_step
         remaining = list({t.text: t for t in phrases}.values())
         if caption:
             curr: list[Term] = []
@@ -126,10 +132,12 @@ class PromptBuilder:
             if not remaining:
                 break
             prefix = join(caption_piece(caption) + [Piece(t.text, (t,)) for t in curr])
-            fitting = [i for i, ok in enumerate(self._fit_mask([f"{prefix}, {t.text}" for t in remaining])) if ok]
+            fitting = self._fitting(prefix, remaining)
             if not fitting:
                 break
-            sims = sign * (self.encode([f"{prefix}, {remaining[i].text}" for i in fitting]) @ xq)
+            sims = sign * (self.scorer.encode(prefix, [remaining[i].text for i in fitting]) @ xq)
+            if on_step is not None:
+                on_step(idx + 1, max_count, float(sign * sims.max()))
             best_at = int(sims.argmax())
             pick, sim = fitting[best_at], float(sims[best_at])
             if sim > best_sim:
@@ -139,6 +147,21 @@ class PromptBuilder:
             curr, curr_sim = curr + [remaining[pick]], sim
             remaining.pop(pick)
         return caption_piece(caption) + [Piece(t.text, (t,)) for t in best]
+
+    def _fitting(self, prefix: str, terms: list[Term]) -> list[int]:
+        """Positions of the terms whose `prefix, term` fits the context: counted from cached
+        token counts where tokens concatenate exactly, tokenized in full otherwise."""
+        from retriever.models.prefix import is_plain
+
+        if self.scorer.shareable(prefix):
+            prefix_tokens = self.scorer.tokens(prefix)
+            known = {i: self.scorer.fits(prefix_tokens, t.text) for i, t in enumerate(terms) if is_plain(t.text)}
+        else:
+            known = {}
+        unknown = [i for i in range(len(terms)) if i not in known]
+        if unknown:
+            known.update(zip(unknown, self._fit_mask([f"{prefix}, {terms[i].text}" for i in unknown])))
+        return [i for i in range(len(terms)) if known[i]]
 
     def fits(self, text: str) -> bool:
         """Whether `text` fits the model's context without truncation (clip-interrogator's
