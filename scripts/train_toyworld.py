@@ -30,7 +30,7 @@ from retriever.models import toyworld
 
 MODEL_CFG = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32},
+    "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 128, "layers": 3, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
 PREPROCESS_CFG = {"size": 64, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
@@ -110,7 +110,7 @@ def cosine_lr(step: int, lr: float, warmup: int, steps: int) -> float:
 
 
 def main() -> None:
-    parser = training_args(__doc__, steps=2000, variants=256, eval_every=250)
+    parser = training_args(__doc__, steps=4000, variants=256, eval_every=500)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--partial-weight", type=float, default=0.5, help="weight of the partial-caption loss")
     args = parser.parse_args()
