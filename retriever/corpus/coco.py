@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from retriever.atomic import write_text_atomic
+from retriever.corpus.files import check_regular_file, read_sample
 from retriever.errors import CorpusError
 
 SPLITS = ("train", "val", "test")
@@ -25,6 +26,8 @@ SPLITS = ("train", "val", "test")
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# A JSON escape such as \ud800 gives a lone surrogate, which cannot be written as UTF-8.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _COCO_FOLDER = re.compile(r"^COCO_([A-Za-z]+\d{4})_")
 _CAPTIONS_FILE = re.compile(r"^captions_(.+)\.json$")
 
@@ -73,8 +76,9 @@ class _Image:
 
 
 def clean_caption(text: str) -> str:
-    """One line of text: control characters and runs of whitespace become single spaces."""
-    return " ".join(_CONTROL.sub(" ", text).split())
+    """One line of text: control characters and runs of whitespace become single spaces, and lone
+    surrogates the replacement character U+FFFD."""
+    return " ".join(_CONTROL.sub(" ", _SURROGATE.sub("\ufffd", text)).split())
 
 
 def convert_coco(
@@ -123,9 +127,14 @@ def convert_coco(
         raise CorpusError("give COCO annotations, a Karpathy split file, or both")
     if images is None and not captions_only:
         raise CorpusError("the images folder is needed to write image paths (or write captions only)")
+    # Every input is checked before any is read: a FIFO or /dev/zero would otherwise hang or
+    # fill memory, and a typo in the last file would cost the parse of the first.
+    for path in [*annotations, *([karpathy] if karpathy is not None else [])]:
+        read_sample(path, what="COCO JSON", size=1)
     images_dir = Path(images) if images is not None else None
     if images_dir is not None and not images_dir.is_dir():
-        raise CorpusError(f"{images_dir}: no such directory")
+        raise CorpusError(f"{images_dir}: no such directory" if not images_dir.exists()
+                          else f"{images_dir}: not a directory; give the folder that holds the images")
     targets = _targets(Path(out), karpathy is not None, captions_only, overwrite)
 
     by_id: dict[Any, _Image] = {}
@@ -167,9 +176,9 @@ def convert_coco(
         else:
             assert images_dir is not None  # checked above: image rows need the folder
             filepath = _relative(images_dir / found, targets[image.split].parent)
-            if _CONTROL.search(filepath):
-                raise CorpusError(f"image {found!r} has a tab, newline or control character in its name, "
-                                  f"which a TSV row cannot hold")
+            if _CONTROL.search(filepath) or _SURROGATE.search(filepath):
+                raise CorpusError(f"image {found!r} has a tab, newline, control character or invalid Unicode "
+                                  f"in its name, which a TSV row cannot hold; rename it")
             rows[image.split].extend(f"{filepath}\t{c}" for c in captions)
             report.captions += len(captions)
         report.images += 1
@@ -215,10 +224,9 @@ def _targets(out: Path, by_split: bool, captions_only: bool, overwrite: bool) ->
 
 def _load_json(path: Path) -> Any:
     """The parsed file, or a CorpusError that says where it went wrong."""
+    check_regular_file(path, what="COCO JSON")
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise CorpusError(f"{path}: no such file") from None
     except OSError as e:
         raise CorpusError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
@@ -226,7 +234,11 @@ def _load_json(path: Path) -> Any:
     except json.JSONDecodeError as e:
         raise CorpusError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
     except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+        raise CorpusError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); save it as UTF-8") from None
+    except RecursionError:
+        raise CorpusError(f"{path}: JSON nested too deeply to read; this is not a COCO annotation file") from None
+    except ValueError as e:  # e.g. an integer longer than Python's digit limit
+        raise CorpusError(f"{path}: invalid JSON ({e})") from None
 
 
 def _read_annotations(path: Path, by_id: dict[Any, _Image]) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from retriever.corpus.reader import BadRow, iter_rows
+from retriever.corpus.values import clean_text
 from retriever.errors import CorpusError
 
 DEFAULT_IMAGE_COLUMN = "filepath"
@@ -98,16 +99,19 @@ def read_pairs(
         if image_column not in meta:
             columns = ", ".join([caption_column, *meta])
             raise CorpusError(f"{path}: no column {image_column!r}; columns are {columns} (use --image-column)")
-        caption = "" if caption is None else " ".join(str(caption).split())
+        caption = " ".join(clean_text(caption).split())
         if not caption:
             report.empty_captions += 1
             bad(BadRow(str(path), line, "empty caption"))
             continue
         raw = meta[image_column]
-        if raw is None or not str(raw).strip():
+        if raw is not None and not isinstance(raw, str):
+            bad(BadRow(str(path), line, f"image path is {raw!r}, not a string"))
+            continue
+        if raw is None or not raw.strip():
             bad(BadRow(str(path), line, "empty image path"))
             continue
-        image = Path(str(raw).strip()).expanduser()
+        image = Path(raw.strip()).expanduser()
         image = image if image.is_absolute() else base / image
         if not image.is_file():
             report.missing_images += 1

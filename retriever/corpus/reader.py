@@ -4,6 +4,11 @@ Messy input is the norm: empty texts and exact duplicates are dropped and counte
 wrong field count, invalid UTF-8 or bad JSON are reported with file and line and skipped (or
 fatal with `strict`). `.tsv` is read without quote handling, as TSV corpora (COCO conversions,
 prompt dumps) contain bare quotes; `.csv` follows the usual CSV quoting rules.
+
+Every value is checked where it is read, so nothing surprising reaches the encoder or the parquet
+writer: a text that is not a string (a number, an object, a list) or holds a lone surrogate is a
+bad row (UTF-8 bytes are decoded); control characters in texts become spaces; metadata values are
+JSON scalars (None, bool, int, float, str), with objects and lists stored as JSON text.
 """
 
 from __future__ import annotations
@@ -11,14 +16,23 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from retriever.corpus.files import SAMPLE_BYTES, read_sample, sniff_text
+from retriever.corpus.values import clean_text, has_surrogates, json_kind, metadata, text_value, unique_names
 from retriever.errors import CorpusError
+
+__all__ = ["BadRow", "Corpus", "CorpusReport", "check_corpus_file", "clean_text", "count_rows", "iter_corpus",
+           "iter_rows", "pick_text_column", "read_corpus"]
 
 TEXT_COLUMNS = ("caption", "title", "text", "prompt")
 FORMATS = (".txt", ".tsv", ".csv", ".parquet", ".jsonl")
+# JSON lines may differ in their keys; the text column is chosen from this many records.
+JSONL_SAMPLE = 100
+
 
 
 @dataclass
@@ -110,7 +124,7 @@ def iter_corpus(
             continue
         _, text, meta = item
         report.rows += 1
-        text = text.strip() if isinstance(text, str) else ("" if text is None else str(text).strip())
+        text = clean_text(text)
         if not text:
             report.empty += 1
             continue
@@ -133,18 +147,63 @@ def iter_rows(path: str | Path, column: str | None = None) -> Iterator[Row | Bad
     (`retriever.pairs`) keep repeated captions. The first item is the chosen text column's name
     (a str), except for .txt files.
 
+    Texts are str or None (see the module's note on values); metadata values are JSON scalars.
+
     Raises:
-        CorpusError: missing file, unknown format, no such column.
+        CorpusError: see `check_corpus_file`; also no such column.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path}: no such file")
+    check_corpus_file(path)
     suffix = path.suffix.lower()
-    if suffix not in FORMATS:
-        raise CorpusError(f"{path}: unknown format {suffix!r}; use one of {', '.join(FORMATS)}")
     readers = {".txt": _read_txt, ".tsv": _read_delimited, ".csv": _read_delimited,
                ".parquet": _read_parquet, ".jsonl": _read_jsonl}
     yield from readers[suffix](path, column)
+
+
+def check_corpus_file(path: str | Path) -> None:
+    """Check, in milliseconds, that `path` is a corpus file this module can read.
+
+    Call it before hashing the file or loading a model: it never blocks (FIFOs and devices are
+    refused by `stat`, not read) and reads at most 64 KiB.
+
+    Raises:
+        CorpusError: missing, a directory, a FIFO or device (or a symlink to one), unreadable,
+            empty, an unknown suffix, or content that is plainly not that format (compressed,
+            UTF-16, binary, a parquet file without its header, one JSON document in a .jsonl).
+    """
+    path = Path(path)
+    sample = read_sample(path, what="corpus")
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise CorpusError(f"{path}: unknown format {suffix or '(no suffix)'!r} for a corpus; "
+                          f"save it as, and name it by, one of {', '.join(FORMATS)}")
+    if suffix == ".parquet":
+        if not sample.startswith(b"PAR1"):
+            raise CorpusError(f"{path}: not a readable parquet file (no PAR1 header); "
+                              f"if it is text, name it .txt, .tsv, .csv or .jsonl")
+        return
+    sniff_text(path, sample, what="corpus file")
+    if suffix == ".jsonl":
+        _sniff_jsonl(path, sample)
+
+
+def _sniff_jsonl(path: Path, sample: bytes) -> None:
+    """Refuse one JSON document (an array, or a pretty-printed object) saved as .jsonl."""
+    lines = sample.lstrip().split(b"\n", 1)
+    first = lines[0].strip()
+    if not first or len(lines) == 1 and len(sample) == SAMPLE_BYTES:
+        return  # the first line runs past the sample; the reader will judge it
+    advice = (f"JSON Lines holds one object per line; convert it, e.g. "
+              f"jq -c '.[]' {path.name} > {path.stem}.lines.jsonl")
+    if first in (b"[", b"{", b"[{"):
+        raise CorpusError(f"{path}:1: looks like one JSON document over several lines, not JSON Lines; {advice}")
+    if first.startswith(b"["):
+        try:
+            value = json.loads(first)
+        except (ValueError, RecursionError):
+            return
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            raise CorpusError(f"{path}:1: is a JSON array of objects, not JSON Lines; {advice}")
 
 
 def count_rows(path: str | Path) -> int | None:
@@ -205,7 +264,7 @@ def _read_delimited(path: Path, column: str | None) -> Iterator[Row | BadRow | s
             raise CorpusError(f"{path}: empty file (a header line is expected)") from None
         except csv.Error as e:
             raise CorpusError(f"{path}:1: {e}") from None
-        header = [h.lstrip("\ufeff").strip() for h in header]
+        header = unique_names([h.lstrip("\ufeff").strip() for h in header])
         text_column = pick_text_column(header, column, path)
         yield text_column
         text_index = header.index(text_column)
@@ -226,7 +285,7 @@ def _read_delimited(path: Path, column: str | None) -> Iterator[Row | BadRow | s
             if len(fields) != len(header):
                 yield BadRow(str(path), start, f"expected {len(header)} fields, found {len(fields)}")
                 continue
-            if any(_has_surrogates(v) for v in fields):
+            if any(has_surrogates(v) for v in fields):
                 yield BadRow(str(path), start, "invalid UTF-8")
                 continue
             meta = {h: v for i, (h, v) in enumerate(zip(header, fields)) if i != text_index}
@@ -234,30 +293,78 @@ def _read_delimited(path: Path, column: str | None) -> Iterator[Row | BadRow | s
 
 
 def _read_jsonl(path: Path, column: str | None) -> Iterator[Row | BadRow | str]:
-    text_column: str | None = None
+    records = _jsonl_records(path)
+    sample: list[tuple[int, dict] | BadRow] = []
+    chosen: list[dict] = []
+    for item in records:
+        sample.append(item)
+        if not isinstance(item, BadRow):
+            chosen.append(item[1])
+        if len(chosen) == JSONL_SAMPLE or len(sample) >= 100 * JSONL_SAMPLE:
+            break
+    text_column = _pick_jsonl_column(chosen, column, path) if chosen else None
+    if text_column is not None:
+        yield text_column
+    for item in _chain(sample, records):
+        if isinstance(item, BadRow):
+            yield item
+            continue
+        number, record = item
+        if text_column not in record:
+            yield BadRow(str(path), number, f"no {text_column!r} key")
+            continue
+        text, problem = text_value(record[text_column])
+        if problem:
+            yield BadRow(str(path), number, problem)
+            continue
+        yield number, text, metadata(record, text_column)
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict] | BadRow]:
+    """(line number, object) for each JSON line, or a BadRow for lines that are not one."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             try:
                 record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield BadRow(str(path), number, "invalid UTF-8")
+            except UnicodeDecodeError as e:
+                yield BadRow(str(path), number, f"invalid UTF-8 (at byte {e.start})")
                 continue
             except json.JSONDecodeError as e:
-                yield BadRow(str(path), number, f"invalid JSON ({e.msg})")
+                yield BadRow(str(path), number, f"invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            except RecursionError:
+                yield BadRow(str(path), number, "JSON nested too deeply to read")
+                continue
+            except ValueError as e:  # e.g. an integer beyond Python's digit limit
+                yield BadRow(str(path), number, f"invalid JSON ({e})")
                 continue
             if not isinstance(record, dict):
-                yield BadRow(str(path), number, "not a JSON object")
+                yield BadRow(str(path), number, f"not a JSON object (found {json_kind(record)})")
                 continue
-            if text_column is None:
-                text_column = pick_text_column(list(record), column, path)
-                yield text_column
-            if text_column not in record:
-                yield BadRow(str(path), number, f"no {text_column!r} key")
-                continue
-            meta = {k: v for k, v in record.items() if k != text_column}
-            yield number, record[text_column], meta
+            yield number, record
+
+
+def _chain(first: list, rest: Iterator) -> Iterator:
+    yield from first
+    yield from rest
+
+
+def _pick_jsonl_column(records: list[dict], column: str | None, path: Path) -> str:
+    """The text key: `column` if given, else the TEXT_COLUMNS key most records in the sample have."""
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    if column is not None:
+        if column not in keys:
+            raise CorpusError(f"{path}: no key {column!r} in the first {len(records)} records; "
+                              f"keys are {', '.join(keys)}")
+        return column
+    counts = Counter(k for r in records for k in r)
+    candidates = [k for k in keys if k.lower().strip() in TEXT_COLUMNS]
+    if not candidates:
+        return pick_text_column(keys, None, path)  # raises, listing the keys
+    rank = {name: i for i, name in enumerate(TEXT_COLUMNS)}
+    return min(candidates, key=lambda k: (-counts[k], rank[k.lower().strip()]))
 
 
 def _read_parquet(path: Path, column: str | None) -> Iterator[Row | BadRow | str]:
@@ -265,21 +372,26 @@ def _read_parquet(path: Path, column: str | None) -> Iterator[Row | BadRow | str
 
     try:
         parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
         raise CorpusError(f"{path}: not a readable parquet file ({e})") from None
-    text_column = pick_text_column(parquet.schema_arrow.names, column, path)
+    text_column = pick_text_column(names, column, path)
     yield text_column
     number = 0
-    for batch in parquet.iter_batches(batch_size=65536):
-        for record in batch.to_pylist():
+    batches = parquet.iter_batches(batch_size=65536)
+    while True:
+        try:
+            batch = next(batches, None)
+            records = batch.to_pylist() if batch is not None else []
+        except Exception as e:  # corrupt pages, invalid UTF-8 in a string column, ...
+            raise CorpusError(f"{path}: unreadable after row {number} ({e}); the file is damaged "
+                              f"or was written with invalid strings") from None
+        if batch is None:
+            break
+        for record in records:
             number += 1  # parquet has no lines; this is the 1-based row number
-            meta = {k: v for k, v in record.items() if k != text_column}
-            yield number, record[text_column], meta
-
-
-def _has_surrogates(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+            text, problem = text_value(record[text_column])
+            if problem:
+                yield BadRow(str(path), number, problem)
+                continue
+            yield number, text, metadata(record, text_column)

@@ -16,6 +16,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from retriever.errors import ModelError
+from retriever.models.images import REFERENCE_SIDE, SafePreprocess
+from retriever.models.safety import check_checkpoint, check_model_config, read_config
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "ViT-B-32"
@@ -129,30 +131,36 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     if precision not in ("fp32", "fp16", "bf16"):
         raise ModelError(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
     kwargs: dict[str, Any] = {}
-    if name in bundled_models():
-        spec.pretrained = None
-        open_clip_name, open_clip_pretrained = f"local-dir:{BUNDLED_DIR / name}", None
-        fingerprint = f"sha256:{sha256_file(_weights_in_dir(BUNDLED_DIR / name))}"
-    elif name.startswith("local-dir:"):
-        directory = Path(name[len("local-dir:"):]).expanduser()
+    # Every kind of reference has its config sized and its pickled weights opened safely before
+    # open_clip builds anything: the reference may come from a downloaded index's manifest.
+    if name in bundled_models() or name.startswith("local-dir:"):
+        bundled = name in bundled_models()
+        directory = BUNDLED_DIR / name if bundled else Path(name[len("local-dir:"):]).expanduser()
         if not (directory / "open_clip_config.json").is_file():
             raise ModelError(f"{directory}: not a model directory (no open_clip_config.json)")
+        read_config(directory / "open_clip_config.json")
         spec.pretrained = None
-        open_clip_name, open_clip_pretrained = name, None
-        fingerprint = f"sha256:{sha256_file(_weights_in_dir(directory))}"
+        open_clip_name, open_clip_pretrained = f"local-dir:{directory}" if bundled else name, None
+        weights = _weights_in_dir(directory)
+        if not random_weights:
+            check_checkpoint(_open_clip_choice(directory) or weights)
+        fingerprint = f"sha256:{sha256_file(weights)}"
     elif name.startswith("hf-hub:"):
         spec.pretrained = None
-        _require_hub_file(name[len("hf-hub:"):], "open_clip_config.json", what=name)
+        read_config(_hub_file(name[len("hf-hub:"):], "open_clip_config.json", what=name))
         open_clip_name, open_clip_pretrained = name, None
         fingerprint = name
     else:
         if name not in open_clip.list_models():
             raise ModelError(f"unknown model {name!r}; `retriever models` lists the available ones")
+        check_model_config(open_clip.get_model_config(name) or {}, name)
         open_clip_name = name
         if random_weights:
             open_clip_pretrained, fingerprint = None, ""
         else:
             open_clip_pretrained, fingerprint, kwargs = _resolve_weights(name, pretrained)
+            if os.path.isfile(open_clip_pretrained):  # a tag still to download is checked by open_clip's loader
+                check_checkpoint(open_clip_pretrained)
 
     if random_weights:
         spec.pretrained, open_clip_pretrained, fingerprint = None, None, f"random:{name}"
@@ -162,8 +170,11 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
             open_clip_name, pretrained=open_clip_pretrained, device=device, precision=precision, **kwargs
         )
         tokenizer = open_clip.get_tokenizer(open_clip_name)
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise ModelError(f"cannot load {spec}: {e}") from e
+    except ModelError:
+        raise
+    except Exception as e:  # user files reach open_clip, timm and safetensors: any type can come back
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load {spec}: {reason}") from None
     decoder = getattr(model, "text_decoder", None)
     if random_weights and getattr(decoder, "text_projection", None) is not None:
         # open_clip's CoCa decoder (MultimodalTransformer) leaves its output projection as
@@ -189,7 +200,27 @@ def wrap_model(spec: ModelSpec, model: Any, preprocess: Any, tokenizer: Any, fin
     """A LoadedModel around an open_clip model built elsewhere (benchmarks, training)."""
     model.eval()
     context_length = int(getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77))
+    if preprocess is not None and not isinstance(preprocess, SafePreprocess):
+        preprocess = SafePreprocess(preprocess, _image_side(model, preprocess))
     return LoadedModel(spec, model, preprocess, tokenizer, fingerprint, _embed_dim(model), context_length, device)
+
+
+def _image_side(model: Any, preprocess: Any) -> int:
+    """The side the eval transform resizes to (its first Resize), else the vision tower's input size."""
+    for step in getattr(preprocess, "transforms", [])[:1]:
+        size = getattr(step, "size", None)
+        if isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 1):
+            return int(size if isinstance(size, int) else size[0])
+    size = getattr(getattr(model, "visual", None), "image_size", REFERENCE_SIDE)
+    return int(max(size) if isinstance(size, (list, tuple)) else size)
+
+
+def _open_clip_choice(directory: Path) -> str | None:
+    """The weights file open_clip itself will pick in a model directory."""
+    from open_clip import factory
+
+    find = getattr(factory, "_find_checkpoint_in_dir", None)
+    return find(directory) if find is not None else None
 
 
 def _resolve_weights(name: str, pretrained: str | None) -> tuple[str, str, dict]:
@@ -270,11 +301,18 @@ def _require_download(cfg: dict, what: str) -> None:
         _probe(cfg["url"], what)
 
 
-def _require_hub_file(repo_id: str, filename: str, what: str) -> None:
-    from huggingface_hub import try_to_load_from_cache
+def _hub_file(repo_id: str, filename: str, what: str) -> Path:
+    """A hub file's local path: from the cache, else downloaded (after a quick reachability probe)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    if not isinstance(try_to_load_from_cache(repo_id, filename), str):
-        _probe("https://" + _hub_host(), what)
+    cached = try_to_load_from_cache(repo_id, filename)
+    if isinstance(cached, str):
+        return Path(cached)
+    _probe("https://" + _hub_host(), what)
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as e:  # missing repo, missing file, HTTP errors
+        raise ModelError(f"{what}: cannot download {filename} ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
 
 
 def _hub_host() -> str:
