@@ -6,21 +6,7 @@ import sys
 
 import pytest
 
-
-def assert_clean_error(result, *fragments: str, code: int = 1) -> str:
-    """A CLI result that failed with exit `code` and one `error: ...` line on stderr naming `fragments`.
-
-    `result` is click's Result (the `run` fixture) or a CompletedProcess (`run_cli`).
-    """
-    exit_code = getattr(result, "exit_code", getattr(result, "returncode", None))
-    stderr = result.stderr
-    assert "Traceback" not in stderr and "Traceback" not in (result.stdout or ""), stderr
-    assert exit_code == code, f"exit {exit_code}, stderr: {stderr}"
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, f"expected one error line, got: {stderr!r}"
-    for fragment in fragments:
-        assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
-    return errors[0]
+from hostile_checks import assert_clean_error  # noqa: F401 (re-exported for older imports)
 
 
 @pytest.fixture

@@ -28,17 +28,7 @@ from retriever.models.images import load_image
 from retriever.models.loading import BUNDLED_DIR, load_model
 
 
-def _hostile_helpers():
-    """tests/hostile/conftest.py as a module (tests/ has no packages, so it cannot be imported by name)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("hostile_conftest", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-assert_clean_error = _hostile_helpers().assert_clean_error
+from hostile_checks import assert_clean_error  # noqa: E402
 
 
 # --- corpus paths: refused by stat and a 64 KiB sniff, before hashing or a model load -------------
