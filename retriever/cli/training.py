@@ -39,7 +39,7 @@ def finetune(
     image_column: Annotated[str, typer.Option(help="Column of image paths (absolute, or relative to the pairs file).")] = "filepath",
     caption_column: Annotated[str, typer.Option(help="Column of captions.")] = "title",
     resume: Annotated[bool, typer.Option(help="Continue the run saved in --out (same command; only --epochs may change).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a previous run in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a previous run in --out (only the files a run writes; anything else there is an error).")] = False,
     from_scratch: Annotated[bool, typer.Option(help="Start from random weights: the architecture of --model only.")] = False,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Image-loading processes (default: up to 4).")] = None,
     train_precision: Annotated[str, typer.Option("--precision", help="auto (amp on CUDA, else fp32), fp32, amp or bf16.")] = "auto",
@@ -87,7 +87,12 @@ def finetune(
                               from_scratch=from_scratch, device=device, image_column=image_column,
                               caption_column=caption_column, show_progress_bar=show_bar, on_event=on_event)
     except KeyboardInterrupt:
-        stderr(f"interrupted: the state is saved; add --resume to the same command to continue ({out})")
+        from retriever.train.checkpoints import has_state
+
+        if has_state(out / "checkpoints"):
+            stderr(f"interrupted: the state is saved; add --resume to the same command to continue ({out})")
+        else:
+            stderr("interrupted before the first step: nothing to resume; run the same command again to start over")
         raise typer.Exit(130) from None
     summary = result.as_dict()
     warnings.finish()

@@ -12,26 +12,49 @@ captions of other rows as misses; and it writes `epoch_N.pt` files, not loadable
 
 from __future__ import annotations
 
-import math
-import os
-import shutil
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from retriever.corpus.pairs import (
+    DEFAULT_CAPTION_COLUMN,
+    DEFAULT_IMAGE_COLUMN,
+    Pairs,
+    PairsReport,
+    read_pairs,
+)
+from retriever.errors import ModelError, RetrieverError
 from retriever.train.checkpoints import (
     STATE_NAME,
+    check_state_fields,
+    file_sha256,
     load_state,
     model_config,
     publish_model_dir,
-    save_model_dir,
+    remove_leftovers,
+    restore_tensors,
+    save_epoch_dir,
     save_state,
+    training_tensors,
+    unreadable,
     write_json,
 )
-from retriever.errors import ModelError, RetrieverError
-from retriever.corpus.pairs import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, Pairs, PairsReport, read_pairs
+from retriever.train.loop import (
+    PairDataset,
+    collate,
+    deferred_interrupt,
+    epoch_batches,
+    evaluate,
+    ignore_sigint,
+    make_loss,
+    make_optimizer,
+    mixed_precision,
+    train_step,
+    train_transform,
+)
+from retriever.train.outdir import check_out, clear, guard_inputs
 
 PRECISIONS = ("auto", "fp32", "amp", "bf16")
 # Options that must stay the same when a run is resumed (epochs may grow).
@@ -111,6 +134,7 @@ class FinetuneResult:
                 "seconds": round(self.seconds, 1)}
 
 
+
 def finetune(
     train: str | Path,
     out: str | Path,
@@ -131,8 +155,9 @@ def finetune(
     """Fine-tune `model` on the pairs in `train`; the result is a `local-dir:` model folder at `out`.
 
     After each epoch `out` holds the latest model (load it with `load_model(f"local-dir:{out}")`),
-    `out/checkpoints/epoch_N/` keeps each epoch's, and `out/checkpoints/state.pt` what `resume`
-    needs. The state is also saved every `options.checkpoint_minutes` and on KeyboardInterrupt.
+    `out/checkpoints/epoch_N/` keeps each epoch's, and `out/checkpoints/state.json` (with the
+    safetensors file it names) what `resume` needs. The state is also saved every
+    `options.checkpoint_minutes`, and on Ctrl-C, which takes effect at the end of the current step.
 
     Args:
         train: pairs file (`filepath` and `title` columns by default; see `retriever.pairs`).
@@ -142,319 +167,255 @@ def finetune(
             reported after each epoch.
         options: hyperparameters.
         resume: continue the run saved in `out` (same data and settings; `epochs` may grow).
-        overwrite: replace a previous run in `out`.
+        overwrite: replace a previous run in `out` (only the files a run writes are deleted).
         from_scratch: start from random weights (the architecture of `model` only).
         device: `cuda`, `mps`, `cpu`, or None for the best available.
         image_column, caption_column: column names in the pairs files.
         show_progress_bar: None shows one on stderr when it is a terminal.
-        on_event: called with ("step" | "epoch" | "unreadable_image" | "checkpoint", details).
+        on_event: called with ("step" | "epoch" | "unreadable_image" | "checkpoint" | "bad_row", details).
 
     Raises:
-        CorpusError: unusable pairs file. ModelError: model cannot be loaded or trained.
-        RetrieverError: bad options, or `out` holds something `resume`/`overwrite` do not allow.
+        CorpusError: unusable pairs file. ModelError: model cannot be loaded or trained, or the
+            saved state is unreadable. RetrieverError: bad options, `out` holds something
+            `resume`/`overwrite` do not allow, or an epoch had no readable image.
+        KeyboardInterrupt: after Ctrl-C, once the state is saved.
     """
-    import torch
-
-    from retriever.generate.coca import is_coca
-    from retriever.models.loading import load_model, pick_device
-    from retriever.progress import progress
+    from retriever.models.loading import pick_device
 
     started = time.perf_counter()
     options = options or TrainOptions()
     options.check()
     device = pick_device(device)
-    autocast, scaler = _mixed_precision(options.precision, device)
+    precision = mixed_precision(options.precision, device)
     out = Path(out)
     emit = on_event or (lambda kind, details: None)
-    state_path = out / "checkpoints" / STATE_NAME
-    state = _prepare_out(out, state_path, resume, overwrite)
-
+    # Everything that can be checked cheaply is, before anything is deleted or loaded.
+    to_clear = check_out(out, resume, overwrite)
     bad_row = (lambda row: emit("bad_row", {"row": str(row)}))
     pairs = read_pairs(train, image_column, caption_column, on_bad_row=bad_row)
     val_pairs = read_pairs(val, image_column, caption_column, on_bad_row=bad_row) if val else None
-    data_id = {"path": str(Path(train).resolve()), "pairs": len(pairs)}
-    if state is not None:
-        _check_resumable(state, options, data_id)
-        model, pretrained, from_scratch = state["model"]["name"], state["model"]["pretrained"], state["model"]["from_scratch"]
-
-    loaded = load_model(model, pretrained, device=device, random_weights=from_scratch)
-    pretrained = loaded.spec.pretrained
-    net = loaded.model
-    coca = is_coca(net)
-    config = model_config(loaded)
-    if hasattr(net, "output_dict"):
-        net.output_dict = True
-    loss_fn = _loss(coca, options)
-    train_transform = _train_transform(net)
-    optimizer = _optimizer(net, options)
-    steps_per_epoch = max(1, len(pairs) // options.batch_size)
-    total_steps = steps_per_epoch * options.epochs
-    warmup = options.warmup if options.warmup is not None else min(1000, total_steps // 20)
-    from open_clip_train.scheduler import cosine_lr
-
-    schedule = cosine_lr(optimizer, options.lr, warmup, total_steps)
-
-    history: list[EpochReport] = []
-    unreadable: list[str] = []
-    epoch, batch_in_epoch, elapsed, losses = 0, 0, 0.0, []
-    torch.manual_seed(options.seed)
-    if state is not None:
-        net.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        epoch, batch_in_epoch, losses = state["epoch"], state["batch"], list(state["losses"])
-        torch.set_rng_state(state["rng"])  # augmentation continues exactly where it stopped
-        history = [EpochReport(**e) for e in state["history"]]
-        unreadable, elapsed = list(state["unreadable"]), state["seconds"]
-    resumed_at = (epoch, batch_in_epoch) if state is not None else None
-    before = EpochReport(**state["before"]) if state is not None and state.get("before") else None
-    if val_pairs is not None and state is None:
-        before = EpochReport(0, 0, None, 0.0)
-        _evaluate(loaded, loss_fn, val_pairs, options, coca, autocast, before)
-        emit("epoch", asdict(before))
-
-    def snapshot() -> dict:
-        return {"model": {"name": model, "pretrained": pretrained, "from_scratch": from_scratch},
-                "options": asdict(options), "data": data_id, "epoch": epoch, "batch": batch_in_epoch,
-                "losses": losses, "rng": torch.get_rng_state(),
-                "model_state": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "history": [asdict(e) for e in history], "unreadable": unreadable,
-                "before": asdict(before) if before else None,
-                "seconds": elapsed + time.perf_counter() - started}
-
-    def result() -> FinetuneResult:
-        return FinetuneResult(out, str(loaded.spec) + (" from scratch" if from_scratch else ""), history, pairs.report,
-                              val_pairs.report if val_pairs else None, unreadable, resumed_at,
-                              elapsed + time.perf_counter() - started, before)
-
-    workers = options.workers if options.workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
-    dataset = _PairDataset(pairs, train_transform, loaded.tokenizer)
-    last_save = time.perf_counter()
-    try:
-        while epoch < options.epochs:
-            net.train()
-            batches = _epoch_batches(len(pairs), options.batch_size, options.seed, epoch)[batch_in_epoch:]
-            # Its own generator: creating a loader must not draw from the global RNG that a resumed
-            # run restores (with workers=0 an interrupted and resumed run is then bit-identical).
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                                 collate_fn=_collate, pin_memory=device.startswith("cuda"),
-                                                 generator=torch.Generator().manual_seed(options.seed * 1000 + epoch))
-            epoch_start = time.perf_counter()
-            with progress(len(batches), f"epoch {epoch + 1}/{options.epochs}", "steps", show_progress_bar) as advance:
-                for pixels, tokens, errors in loader:
-                    for error in errors:
-                        unreadable.append(error)
-                        emit("unreadable_image", {"error": error})
-                    if pixels is not None:
-                        schedule(epoch * steps_per_epoch + batch_in_epoch)
-                        loss = _train_step(net, loss_fn, optimizer, scaler, autocast, pixels.to(device), tokens.to(device))
-                        losses.append(loss)
-                    batch_in_epoch += 1
-                    info = f"loss {losses[-1]:.4f}" if losses else ""
-                    advance(1, info)
-                    emit("step", {"epoch": epoch + 1, "step": batch_in_epoch, "steps": steps_per_epoch,
-                                  "loss": losses[-1] if losses else None, "lr": optimizer.param_groups[0]["lr"]})
-                    if time.perf_counter() - last_save > options.checkpoint_minutes * 60:
-                        save_state(state_path, snapshot())
-                        last_save = time.perf_counter()
-                        emit("checkpoint", {"path": str(state_path), "epoch": epoch + 1, "step": batch_in_epoch})
-            report = EpochReport(epoch + 1, len(losses), sum(losses) / max(1, len(losses)), round(time.perf_counter() - epoch_start, 1))
-            if val_pairs is not None:
-                _evaluate(loaded, loss_fn, val_pairs, options, coca, autocast, report)
-            # One statement: a Ctrl-C cannot land between recording the epoch and moving past it.
-            history, epoch, batch_in_epoch, losses = [*history, report], epoch + 1, 0, []
-            info = {"epochs": options.epochs, "data": data_id, "model": {"name": model, "pretrained": pretrained},
-                    "report": asdict(report)}
-            publish_model_dir(save_model_dir(net, config, out / "checkpoints" / f"epoch_{report.epoch}", info), out)
-            save_state(state_path, snapshot())
-            last_save = time.perf_counter()
-            write_json(out / "finetune.json", result().as_dict())
-            emit("epoch", asdict(report))
-    except KeyboardInterrupt:
-        save_state(state_path, snapshot())
-        raise
-    return result()
-
-
-def _mixed_precision(precision: str, device: str) -> tuple[Callable[[], Any], Any]:
-    """(autocast context factory, gradient scaler or None) for a precision setting on a device."""
-    import torch
-
-    cuda = device.startswith("cuda")
-    if precision == "auto":
-        precision = "amp" if cuda else "fp32"
-    if precision == "fp32":
-        return nullcontext, None
-    if precision == "amp" and not cuda:
-        raise RetrieverError("precision amp needs a CUDA device; use fp32 or bf16")
-    # amp: bf16 where the GPU has it (no scaler needed), else fp16 with a gradient scaler.
-    dtype = torch.bfloat16 if precision == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return (lambda: torch.autocast(device.split(":")[0], dtype=dtype)), scaler
-
-
-class _PairDataset:
-    """Training pairs as (pixels, tokens); an unreadable image gives its error instead."""
-
-    def __init__(self, pairs: Pairs, transform: Any, tokenizer: Any):
-        self.images, self.captions = pairs.images, pairs.captions
-        self.transform, self.tokenizer = transform, tokenizer
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def __getitem__(self, i: int) -> tuple[Any, str | None]:
-        from retriever.errors import ImageError
-        from retriever.models.images import load_image
-
-        try:
-            image = load_image(self.images[i])
-        except ImageError as e:
-            return None, str(e)
-        return (self.transform(image), self.tokenizer([self.captions[i]])[0]), None
-
-
-def _collate(items: list[tuple[Any, str | None]]) -> tuple[Any, Any, list[str]]:
-    import torch
-
-    good = [item for item, _ in items if item is not None]
-    errors = [error for item, error in items if item is None]
-    if not good:
-        return None, None, errors
-    return torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), errors
-
-
-def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The epoch's batches, the same on every run, so a resumed epoch skips exactly what was done."""
-    import numpy as np
-
-    order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
-    if n < batch_size:
-        return [order]
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-def _train_step(net: Any, loss_fn: Any, optimizer: Any, scaler: Any, autocast: Any, pixels: Any, tokens: Any) -> float:
-    import torch
-
-    optimizer.zero_grad(set_to_none=True)
-    with autocast():
-        total = sum(loss_fn(**net(pixels, tokens), output_dict=True).values())
-    if scaler is not None:
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        total.backward()
-        optimizer.step()
-    with torch.no_grad():
-        net.logit_scale.clamp_(0, math.log(100))
-    return float(total.detach())
-
-
-def _evaluate(loaded: Any, loss_fn: Any, pairs: Pairs, options: TrainOptions, coca: bool, autocast: Any,
-              report: EpochReport) -> None:
-    """Fill in the report's validation loss, caption R@1 and (CoCa) greedy exact match.
-
-    Exact match is only informative where captions come from a closed set that repeats (the toy
-    world, templated data); on free-form captions like COCO's it stays near zero.
-    """
-    import torch
-
-    from retriever.errors import ImageError
-    from retriever.train.evaluation import caption_recall_at_1, exact_match
-    from retriever.models.images import load_image
-
-    net = loaded.model
-    net.eval()
-    losses, weights = [], []
-    dataset = _PairDataset(pairs, loaded.preprocess, loaded.tokenizer)
-    with torch.inference_mode():
-        for start in range(0, len(pairs), options.batch_size):
-            pixels, tokens, _ = _collate([dataset[i] for i in range(start, min(len(pairs), start + options.batch_size))])
-            if pixels is None or len(pixels) < 2:
-                continue
-            with autocast():
-                out = net(pixels.to(loaded.device), tokens.to(loaded.device))
-                losses.append(float(sum(loss_fn(**out, output_dict=True).values())) * len(pixels))
-            weights.append(len(pixels))
-    report.val_loss = sum(losses) / sum(weights) if weights else None
-    by_image = list(pairs.unique_images().items())[: options.eval_images]
-    images, captions = [], []
-    for path, caps in by_image:
-        try:
-            images.append(load_image(path))
-            captions.append(caps)
-        except ImageError:
-            continue
-    report.recall_at_1 = caption_recall_at_1(loaded, images, captions)
-    if coca:
-        report.exact_match = exact_match(loaded, images, captions)
-    net.train()
-
-
-def _loss(coca: bool, options: TrainOptions) -> Any:
-    from open_clip.loss import ClipLoss, CoCaLoss
-
-    if coca:
-        return CoCaLoss(caption_loss_weight=options.caption_loss_weight, clip_loss_weight=options.contrastive_loss_weight)
-    return ClipLoss()
-
-
-def _train_transform(net: Any) -> Any:
-    """open_clip's training transform for this model (random resized crop at 90-100% scale, no flips)."""
-    from open_clip.model import get_model_preprocess_cfg
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    cfg = get_model_preprocess_cfg(net)
-    return image_transform_v2(PreprocessCfg(**{k: v for k, v in cfg.items() if k in {f.name for f in fields(PreprocessCfg)}}),
-                              is_train=True)
-
-
-def _optimizer(net: Any, options: TrainOptions) -> Any:
-    """AdamW as open_clip_train builds it: no weight decay on gains, biases and the logit scale."""
-    import torch
-
-    def no_decay(name: str, p: Any) -> bool:
-        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-
-    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
-              {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": options.wd}]
-    return torch.optim.AdamW(groups, lr=options.lr, betas=(0.9, 0.98), eps=1e-6)
-
-
-def _prepare_out(out: Path, state_path: Path, resume: bool, overwrite: bool) -> dict | None:
-    """The saved state to resume from, or None for a fresh run (after clearing `out` if allowed)."""
-    if resume and overwrite:
-        raise RetrieverError("--resume and --overwrite contradict each other")
+    data_id = {"path": str(Path(train).resolve()), "pairs": len(pairs), "sha256": file_sha256(train)}
+    checkpoints = out / "checkpoints"
+    saved = None
     if resume:
-        if not state_path.is_file():
-            raise RetrieverError(f"{out}: nothing to resume (no {state_path.relative_to(out)})")
-        return load_state(state_path)
-    if out.exists() and any(out.iterdir()):
-        ours = state_path.is_file() or (out / "finetune.json").is_file()
-        if not overwrite:
-            hint = "add --resume to continue it, or --overwrite to start over" if ours else "choose another --out"
-            raise RetrieverError(f"{out} is not empty ({hint})")
-        if not ours:
-            raise RetrieverError(f"{out} holds files that are not a fine-tuning run; --overwrite only replaces runs")
-        shutil.rmtree(out)
-    return None
+        saved = load_state(checkpoints)
+        check_state_fields(saved[0], checkpoints / STATE_NAME)
+        _check_resumable(saved[0], options, data_id)
+        model, pretrained, from_scratch = (saved[0]["model"][k] for k in ("name", "pretrained", "from_scratch"))
+        remove_leftovers(checkpoints, keep=saved[0]["tensors"]["file"])
+    local = model[len("local-dir:"):] if model.startswith("local-dir:") else None
+    guard_inputs(to_clear, {"--model": local, "--pretrained": pretrained if pretrained and Path(pretrained).exists() else None})
+    clear(to_clear)
+
+    run = _Run(Path(train), out, options, pairs, val_pairs, data_id, device, precision, emit, show_progress_bar, started)
+    run.build(model, pretrained, from_scratch)
+    if saved is not None:
+        run.restore(*saved, path=checkpoints / STATE_NAME)
+    else:
+        run.evaluate_before()
+    return run.train()
+
+
+class _Run:
+    """One fine-tuning run: the model, optimizer and schedule, and where in the data it stands."""
+
+    def __init__(self, train: Path, out: Path, options: TrainOptions, pairs: Pairs, val_pairs: Pairs | None,
+                 data_id: dict, device: str, precision: tuple[Callable[[], Any], Any],
+                 emit: Callable[[str, dict], None], show_progress_bar: bool | None, started: float):
+        self.train_path, self.out, self.options, self.pairs, self.val_pairs = train, out, options, pairs, val_pairs
+        self.data_id, self.device, self.emit, self.show_bar, self.started = data_id, device, emit, show_progress_bar, started
+        self.autocast, self.scaler = precision
+        self.epoch, self.batch, self.losses = 0, 0, []
+        self.history: list[EpochReport] = []
+        self.unreadable: list[str] = []
+        self.elapsed = 0.0
+        self.before: EpochReport | None = None
+        self.resumed_at: tuple[int, int] | None = None
+        # `consistent`: the live objects describe a step boundary, so saving them now is safe.
+        # `dirty`: steps were taken since the last save.
+        self.consistent, self.dirty = True, False
+        self.last_save = time.perf_counter()
+
+    def build(self, model: str, pretrained: str | None, from_scratch: bool) -> None:
+        """Load the model and set up the loss, data, optimizer and learning-rate schedule."""
+        import torch
+        from open_clip_train.scheduler import cosine_lr
+
+        from retriever.generate.coca import is_coca
+        from retriever.models.loading import load_model
+
+        self.loaded = load_model(model, pretrained, device=self.device, random_weights=from_scratch)
+        self.model = {"name": model, "pretrained": self.loaded.spec.pretrained, "from_scratch": from_scratch}
+        self.net = self.loaded.model
+        self.coca = is_coca(self.net)
+        self.config = model_config(self.loaded)
+        if hasattr(self.net, "output_dict"):
+            self.net.output_dict = True
+        self.loss_fn = make_loss(self.coca, self.options)
+        self.dataset = PairDataset(self.pairs, train_transform(self.net), self.loaded.tokenizer)
+        self.optimizer = make_optimizer(self.net, self.options)
+        self.steps_per_epoch = max(1, len(self.pairs) // self.options.batch_size)
+        total_steps = self.steps_per_epoch * self.options.epochs
+        warmup = self.options.warmup if self.options.warmup is not None else min(1000, total_steps // 20)
+        self.schedule = cosine_lr(self.optimizer, self.options.lr, warmup, total_steps)
+        torch.manual_seed(self.options.seed)
+
+    def restore(self, meta: dict, tensors: dict[str, Any], path: Path) -> None:
+        """Put the live objects where the saved state left them."""
+        restore_tensors(path, meta, tensors, self.net, self.optimizer, self.scaler, str(self.loaded.spec))
+        try:
+            self.history = [EpochReport(**e) for e in meta["history"]]
+            self.before = EpochReport(**meta["before"]) if meta["before"] else None
+        except TypeError as e:
+            raise unreadable(path, f"a history entry does not fit: {e}") from None
+        self.epoch, self.batch, self.losses = meta["epoch"], meta["batch"], list(meta["losses"])
+        self.unreadable, self.elapsed = list(meta["unreadable"]), float(meta["seconds"])
+        self.resumed_at = (self.epoch, self.batch)
+
+    def evaluate_before(self) -> None:
+        """Score the starting model on the validation pairs (epoch 0), so the effect of training shows."""
+        if self.val_pairs is None:
+            return
+        self.before = EpochReport(0, 0, None, 0.0)
+        evaluate(self.loaded, self.loss_fn, self.val_pairs, self.options, self.coca, self.autocast, self.before)
+        self.emit("epoch", asdict(self.before))
+
+    def train(self) -> FinetuneResult:
+        """Run the remaining epochs; on Ctrl-C, stop at a step boundary, save and raise KeyboardInterrupt."""
+        with deferred_interrupt() as interrupted:
+            try:
+                while self.epoch < self.options.epochs and not interrupted():
+                    self.train_epoch(interrupted)
+                    if not interrupted():
+                        self.finish_epoch()
+            except KeyboardInterrupt:
+                if self.consistent and self.dirty:
+                    self.save_state()
+                raise
+            if self.epoch < self.options.epochs:
+                if self.dirty:
+                    self.save_state()
+                raise KeyboardInterrupt
+        return self.result()
+
+    def train_epoch(self, interrupted: Callable[[], bool]) -> None:
+        """Train on the rest of the current epoch's batches, or until Ctrl-C."""
+        import torch
+
+        from retriever.progress import progress
+
+        self.net.train()
+        self.epoch_start, self.tried, self.failed = time.perf_counter(), 0, []
+        options = self.options
+        batches = epoch_batches(len(self.pairs), options.batch_size, options.seed, self.epoch)[self.batch:]
+        # Its own generator: creating a loader must not draw from the global RNG that a resumed
+        # run restores (with workers=0 an interrupted and resumed run is then bit-identical).
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self._workers(),
+                                             collate_fn=collate, pin_memory=self.device.startswith("cuda"),
+                                             worker_init_fn=ignore_sigint,
+                                             generator=torch.Generator().manual_seed(options.seed * 1000 + self.epoch))
+        label = f"epoch {self.epoch + 1}/{options.epochs}"
+        with progress(len(batches), label, "steps", self.show_bar) as advance:
+            for pixels, tokens, errors in loader:
+                self.step(pixels, tokens, errors, len(batches[0]) if batches else 0)
+                advance(1, f"loss {self.losses[-1]:.4f}" if self.losses else "")
+                self.emit("step", {"epoch": self.epoch + 1, "step": self.batch, "steps": self.steps_per_epoch,
+                                   "loss": self.losses[-1] if self.losses else None,
+                                   "lr": self.optimizer.param_groups[0]["lr"]})
+                if time.perf_counter() - self.last_save > options.checkpoint_minutes * 60:
+                    self.save_state()
+                    self.emit("checkpoint", {"path": str(self.out / "checkpoints" / STATE_NAME),
+                                             "epoch": self.epoch + 1, "step": self.batch})
+                if interrupted():
+                    return
+
+    def step(self, pixels: Any, tokens: Any, errors: list[str], size: int) -> None:
+        """One batch: note its unreadable images, train on the rest, move one batch on."""
+        self.consistent = False
+        for error in errors:
+            self.unreadable.append(error)
+            self.failed.append(error)
+            self.emit("unreadable_image", {"error": error})
+        self.tried += len(errors) + (0 if pixels is None else len(pixels))
+        if pixels is not None:
+            self.schedule(self.epoch * self.steps_per_epoch + self.batch)
+            self.losses.append(train_step(self.net, self.loss_fn, self.optimizer, self.scaler, self.autocast,
+                                          pixels.to(self.device), tokens.to(self.device)))
+        self.batch += 1
+        self.dirty = True
+        self.consistent = True
+
+    def finish_epoch(self) -> None:
+        """Evaluate, save the epoch's model folder, publish it as `out`, then move to the next epoch."""
+        number = self.epoch + 1
+        if not self.losses:
+            raise RetrieverError(_no_steps_message(self.train_path, number, self.tried, self.failed))
+        report = EpochReport(number, len(self.losses), sum(self.losses) / len(self.losses),
+                             round(time.perf_counter() - self.epoch_start, 1))
+        if self.val_pairs is not None:
+            evaluate(self.loaded, self.loss_fn, self.val_pairs, self.options, self.coca, self.autocast, report)
+        info = {"epochs": self.options.epochs, "data": self.data_id,
+                "model": {"name": self.model["name"], "pretrained": self.model["pretrained"]}, "report": asdict(report)}
+        folder = save_epoch_dir(self.net, self.config, self.out / "checkpoints" / f"epoch_{number}", info)
+        publish_model_dir(folder, self.out)
+        self.consistent = False  # until the position below is whole again
+        self.history, self.epoch, self.batch, self.losses = [*self.history, report], number, 0, []
+        self.consistent = True
+        self.save_state()
+        write_json(self.out / "finetune.json", self.result().as_dict())
+        self.emit("epoch", asdict(report))
+
+    def save_state(self) -> None:
+        """Save what `resume` needs: tensors as safetensors, the rest as JSON."""
+        tensors, groups = training_tensors(self.net, self.optimizer)
+        meta = {"model": self.model, "options": asdict(self.options), "data": self.data_id,
+                "epoch": self.epoch, "batch": self.batch, "losses": self.losses,
+                "history": [asdict(e) for e in self.history], "unreadable": self.unreadable,
+                "before": asdict(self.before) if self.before else None, "seconds": self._seconds(),
+                "optimizer_groups": groups,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        save_state(self.out / "checkpoints", tensors, meta)
+        self.dirty, self.last_save = False, time.perf_counter()
+
+    def result(self) -> FinetuneResult:
+        """The run so far, as reported to the caller and written to `finetune.json`."""
+        name = str(self.loaded.spec) + (" from scratch" if self.model["from_scratch"] else "")
+        return FinetuneResult(self.out, name, self.history, self.pairs.report,
+                              self.val_pairs.report if self.val_pairs else None, self.unreadable, self.resumed_at,
+                              self._seconds(), self.before)
+
+    def _seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.started
+
+    def _workers(self) -> int:
+        import os
+
+        if self.options.workers is not None:
+            return self.options.workers
+        return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+def _no_steps_message(train: Path, epoch: int, tried: int, failed: list[str]) -> str:
+    first = f"; the first: {failed[0]}" if failed else ""
+    what = f"all {tried} images were unreadable" if tried == len(failed) else f"{len(failed)} of {tried} images were unreadable"
+    return f"{train}: no trainable pairs in epoch {epoch}: {what}{first}; fix or remove those images"
 
 
 def _check_resumable(state: dict, options: TrainOptions, data_id: dict) -> None:
     saved = state["options"]
-    changed = [f"{name} {saved[name]} -> {getattr(options, name)}" for name in _FIXED_ON_RESUME
+    changed = [f"{name} {saved.get(name)} -> {getattr(options, name)}" for name in _FIXED_ON_RESUME
                if saved.get(name) != getattr(options, name)]
     if changed:
         raise RetrieverError(f"settings changed since the run started ({'; '.join(changed)}); "
                              "resume with the same settings (only --epochs may change)")
-    if state["data"] != data_id:
-        raise RetrieverError(f"the training data changed since the run started "
-                             f"({state['data']['path']}, {state['data']['pairs']} pairs then; "
-                             f"{data_id['path']}, {data_id['pairs']} pairs now)")
+    then = state["data"]
+    differences = [f"{what} {then[key]} then, {data_id[key]} now" for key, what in (("path", "file"), ("pairs", "pairs"))
+                   if then[key] != data_id[key]]
+    if not differences and then["sha256"] != data_id["sha256"]:
+        differences.append(f"same file and row count, but its content changed (sha256 {then['sha256'][:12]} then, "
+                           f"{data_id['sha256'][:12]} now)")
+    if differences:
+        raise RetrieverError(f"the training data changed since the run started ({'; '.join(differences)}); "
+                             "resume with the same pairs file, or start again with --overwrite")
     if options.epochs < state["epoch"]:
         raise ModelError(f"the run already finished {state['epoch']} epochs; --epochs must be at least that")
