@@ -56,6 +56,7 @@ def build_index_cmd(
     max_memory: Annotated[Optional[str], typer.Option(help="Memory the index may use, e.g. 4G; auto then picks an index that fits.")] = None,
     recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="Recall@10 vs exact search that ANN indexes are tuned to.")] = 0.95,
     chunk_size: Annotated[int, typer.Option(min=1, help="Texts per shard: bounds memory; an interrupted build resumes from the last shard.")] = 65536,
+    vectors: Annotated[bool, typer.Option("--vectors/--no-vectors", help="Keep exact fp16 vectors (2 bytes x dim per text) for --diversity, --dedupe and --like on approximate indexes.")] = True,
     device: DeviceOpt = None,
     precision: PrecisionOpt = "fp32",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")] = False,
@@ -65,6 +66,9 @@ def build_index_cmd(
 
     Example: retriever build-index captions.tsv --model toyworld --out indexes/toy
     """
+    from retriever.corpus.reader import check_corpus_file
+
+    check_corpus_file(corpus)  # a typo costs milliseconds, not a model load
     from retriever.index.ann import parse_bytes
     from retriever.index.build import build_index
     from retriever.models.loading import load_model
@@ -79,7 +83,8 @@ def build_index_cmd(
     result = build_index(corpus, out, loaded, column=column, strict=strict, batch_size=batch_size,
                          overwrite=overwrite, show_progress_bar=False if quiet else None, on_bad_row=lambda bad: warnings.warn("bad rows", f"skipped {bad}"),
                          chunk_size=chunk_size, index_type=index_type, max_memory=parse_bytes(max_memory),
-                         recall_target=recall_target, use_gpu=False if device == "cpu" else None)
+                         recall_target=recall_target, use_gpu=False if device == "cpu" else None,
+                         store_vectors=vectors)
     warnings.finish()
     summary = result.as_dict()
     if as_json:

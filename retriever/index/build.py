@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from retriever.corpus.reader import BadRow, CorpusReport, count_rows, iter_corpus
+from retriever.corpus.reader import BadRow, CorpusReport, check_corpus_file, count_rows, iter_corpus
 from retriever.models.encoder import Encoder
 from retriever.errors import IndexFormatError
 from retriever.index.faiss_import import import_faiss
@@ -61,6 +61,7 @@ def build_index(
     max_memory: int | None = None,
     recall_target: float = 0.95,
     use_gpu: bool | None = None,
+    store_vectors: bool = True,
 ) -> BuildResult:
     """Embed every usable text of a corpus file into an index directory at `out`.
 
@@ -79,9 +80,12 @@ def build_index(
         max_memory: bytes the index may take in memory (None: no limit).
         recall_target: recall@10 against exact search that approximate indexes are tuned to.
         use_gpu: train and add on the GPU when faiss has one (None), or never (False).
+        store_vectors: keep the exact fp16 vectors beside the index (`vectors.f16.npy`: 2 bytes
+            per dimension per text) for exact re-ranking, diversity and "more like this".
     """
     from retriever.index.ann import plan_index
 
+    check_corpus_file(corpus_path)  # before hashing: a FIFO or /dev/zero would never end
     import_faiss()  # before hours of embedding, not after
     start = time.perf_counter()
     out = Path(out)
@@ -141,7 +145,8 @@ def build_index(
     }
     schema = _unified_schema([t.schema for t in shards.tables(count)])
     path = write_index(out, faiss_index, (_conform(t, schema) for t in shards.tables(count)), schema,
-                       manifest, overwrite=overwrite)
+                       manifest, overwrite=overwrite,
+                       vectors=(shards.vectors(i) for i in range(count)) if store_vectors else None)
     shards.remove()
     index_info = {"index_type": plan.index_type, "search_params": tuning.params}
     if plan.tune:
@@ -200,7 +205,10 @@ def _table(chunk: list[tuple[str, dict]], first_id: int) -> pa.Table:
     for offset, (text, meta) in enumerate(chunk):
         row = {"id": first_id + offset, "text": text}
         for key, value in meta.items():
-            row[f"corpus_{key}" if key in RESERVED_COLUMNS else key] = value
+            name = key  # id -> corpus_id, and on to corpus_corpus_id if the corpus has both
+            while name in RESERVED_COLUMNS or (name != key and name in meta):
+                name = f"corpus_{name}"
+            row[name] = value
         rows.append(row)
     try:
         return pa.Table.from_pylist(rows)

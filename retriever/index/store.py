@@ -4,6 +4,8 @@
       manifest.json    format version, model identity, dim, count, index type and tuning, corpus hash, versions
       index.faiss      the FAISS index over L2-normalised vectors (inner product = cosine)
       texts.parquet    id (the FAISS row), text, and the corpus's other columns
+      vectors.f16.npy  the exact normalised embeddings, fp16, row = id (absent with --no-vectors);
+                       memory-mapped for exact re-ranking, diversity and "more like this"
 
 A directory is written under a temporary name beside its target and renamed into place only
 when complete, so an interrupted build never leaves a half index that loads.
@@ -32,6 +34,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
 TEXTS_FILE = "texts.parquet"
+VECTORS_FILE = "vectors.f16.npy"
 RESERVED_COLUMNS = ("id", "text")
 
 
@@ -61,8 +64,9 @@ class TextIndex:
 
 
 def write_index(path: str | Path, faiss_index: Any, texts: Iterable[pa.Table], schema: pa.Schema,
-                manifest: dict, overwrite: bool = False) -> Path:
-    """Write a built FAISS index and its texts (tables conforming to `schema`) atomically."""
+                manifest: dict, overwrite: bool = False, vectors: Iterable[np.ndarray] | None = None) -> Path:
+    """Write a built FAISS index, its texts (tables conforming to `schema`) and optionally its
+    exact vectors (blocks in row order, stored as one fp16 array) atomically."""
     faiss = import_faiss()
     import pyarrow.parquet as pq
 
@@ -80,6 +84,8 @@ def write_index(path: str | Path, faiss_index: Any, texts: Iterable[pa.Table], s
         with pq.ParquetWriter(tmp / TEXTS_FILE, schema) as writer:
             for table in texts:
                 writer.write_table(table)
+        if vectors is not None:
+            _write_vectors(tmp / VECTORS_FILE, vectors, int(faiss_index.ntotal), int(faiss_index.d))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _fsync_dir(tmp)
         if path.exists():
@@ -94,6 +100,21 @@ def write_index(path: str | Path, faiss_index: Any, texts: Iterable[pa.Table], s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _write_vectors(path: Path, blocks: Iterable[np.ndarray], count: int, d: int) -> None:
+    """Stream row blocks into one fp16 .npy file (memory-mappable, no pickle)."""
+    import numpy as np
+
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(count, d))
+    row = 0
+    for block in blocks:
+        out[row:row + len(block)] = block
+        row += len(block)
+    if row != count:
+        raise IndexFormatError(f"{path}: {row} vectors written for an index of {count}")
+    out.flush()
+    del out
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retriever.errors import RetrieverError
+from retriever.index.store import VECTORS_FILE
 from retriever.search.diversity import collapse_near_duplicates, mmr
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
     from retriever.index.store import TextIndex
 
-VECTORS_FILE = "vectors.f16.npy"
 # A filter matching at most this many rows is answered by exact brute force over those rows
 # (a few milliseconds), which always finds k when k rows match; larger ones search the index
 # with an id selector.

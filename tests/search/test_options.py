@@ -126,3 +126,17 @@ def test_approximate_index_without_vectors_says_what_it_needs(indexes, queries, 
 def test_bad_options(indexes, queries, options):
     with pytest.raises(RetrieverError):
         search_index(indexes["flat"], queries, 10, options)
+
+
+def test_build_stores_exact_vectors_and_no_vectors_leaves_them_out(indexes, corpus, toy_model, tmp_path):
+    from retriever.index.build import build_index
+    from retriever.models.encoder import Encoder
+
+    index = indexes["ivf"]
+    stored = np.load(index.path / VECTORS_FILE, mmap_mode="r")
+    assert stored.dtype == np.float16 and stored.shape == (len(index), 128)
+    texts = index.texts.column("text").to_pylist()
+    fresh = Encoder(toy_model).encode_text(texts[:50], show_progress_bar=False)
+    assert (np.asarray(stored[:50], dtype=np.float32) * fresh).sum(axis=1).min() > 0.999  # row i is text i
+    build_index(corpus, tmp_path / "bare", toy_model, index_type="ivf", store_vectors=False, show_progress_bar=False)
+    assert not (tmp_path / "bare" / VECTORS_FILE).exists()
