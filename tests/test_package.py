@@ -19,7 +19,7 @@ def test_public_api_resolves_lazily():
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "retriever", "-h"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("build-index", "query", "info", "models"):
+    for command in ("build-index", "query", "caption", "info", "models", "serve", "finetune", "interrogate", "eval"):
         assert command in result.stdout
 
 

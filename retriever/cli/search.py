@@ -223,6 +223,42 @@ def _note_short(hits: list, k: int, where: str | None) -> None:
         stderr(f"note: only {len(hits)} indexed texts match --where {where!r}")
 
 
+@app.command()
+@friendly_errors
+def caption(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.", show_default=False)],
+    generator: GeneratorOpt = None,
+    n: NGenerateOpt = 1,
+    decoding: DecodingOpt = "beam",
+    beams: BeamsOpt = 6,
+    beam_groups: BeamGroupsOpt = 1,
+    top_k: TopKOpt = 50,
+    top_p: TopPOpt = 0.9,
+    temperature: TemperatureOpt = 1.0,
+    min_len: MinLenOpt = 5,
+    max_len: MaxLenOpt = 30,
+    repetition_penalty: RepetitionOpt = 1.0,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = "fp32",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write captions for images with a CoCa model (query --mode generate, without an index).
+
+    Example: retriever caption cat.jpg --beams 6 --generator coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k
+    """
+    from retriever.search.api import Retriever
+    from retriever.generate.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
+    from retriever.generate.decoding import DecodeOptions
+
+    generator = generator or f"{DEFAULT_GENERATOR}:{DEFAULT_GENERATOR_PRETRAINED}"
+    retriever = Retriever.open(None, device=device, precision=precision, generator=generator)
+    decode = DecodeOptions(decoding, beams, beam_groups, top_k, top_p, temperature, min_len, max_len, repetition_penalty, seed)
+    if not _answer(retriever, images, None, n, {"mode": "generate", "decode": decode, "n_generate": n}, as_json):
+        raise typer.Exit(1)
+
+
+
 def _answer(retriever, images: list[str], text: str | None, k: int, options: dict, as_json: bool,
             where: str | None = None) -> bool:
     """Query and print results (a table, or JSON lines); returns False if any image failed."""
