@@ -71,9 +71,13 @@ class Captioner:
         out: list[list[str]] = []
         for start in range(0, len(images), batch_size):
             for candidates in self.generate_tokens(images[start:start + batch_size], opts, n=n):
-                texts = [tokens_to_text(tokens, self.eot, self.loaded.tokenizer.decode) for tokens in candidates]
+                texts = [self.to_text(tokens) for tokens in candidates]
                 out.append([t for t in dict.fromkeys(texts) if t])
         return out
+
+    def to_text(self, tokens: list[int]) -> str:
+        """Tokens (start token first) to clean text."""
+        return tokens_to_text(tokens, self.eot, self.loaded.tokenizer.decode)
 
     def caption(self, images: Sequence[Image.Image], opts: DecodeOptions | None = None, batch_size: int = 16) -> list[str]:
         """One clean caption per image (no start/end markers, whitespace normalised)."""
