@@ -10,6 +10,7 @@ from retriever.cli import (
     search,  # noqa: E402,F401,I001
     training,  # noqa: E402,F401,I001
     evaluate,  # noqa: E402,F401,I001
+    style,  # noqa: E402,F401,I001
 )
 from retriever.cli.common import app, stderr
 

@@ -54,7 +54,7 @@ def emit_json(obj: dict) -> None:
     print(json.dumps(obj, ensure_ascii=False, default=str), flush=True)
 
 
-GeneratorOpt = Annotated[Optional[str], typer.Option(help="CoCa model that writes captions: toyworld-coca, or NAME:TAG (default for generate/hybrid: coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k).")]
+GeneratorOpt = Annotated[Optional[str], typer.Option(help="What writes captions: a CoCa model (toyworld-coca, or NAME:TAG; default for generate/hybrid: coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k), or a style decoder trained on your text: style:PATH (options: style:PATH?projection=noise&memory=index&fetch_k=256).")]
 DecodingOpt = Annotated[str, typer.Option(help="greedy, beam, top_k or top_p.")]
 BeamsOpt = Annotated[int, typer.Option(min=2, help="Beams for beam search.")]
 BeamGroupsOpt = Annotated[int, typer.Option(min=1, help="Beam groups (beams must divide into them).")]

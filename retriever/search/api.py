@@ -71,8 +71,13 @@ class Retriever:
         self.index = index
         self.model = model
         self.encoder = Encoder(model) if model is not None else None
+        if model is not None and hasattr(generator, "folder"):  # a style decoder knows one CLIP model only
+            from retriever.generate.style import check_same_clip
+
+            check_same_clip(generator.folder.clip, model, generator.path)
         self.generator = generator
-        self._captioner = None
+        # A style decoder (`style:PATH`) arrives as its ready captioner; a CoCa as a LoadedModel.
+        self._captioner = generator if hasattr(generator, "caption_candidates") else None
 
     @classmethod
     def open(cls, index: str | Path | Sequence[str | Path] | None = None, model: str | None = None,
@@ -90,16 +95,21 @@ class Retriever:
         """
         if index is None and generator is None:
             raise RetrieverError("give an index to retrieve from, or a generator to write captions")
-        loaded_gen = generator if isinstance(generator, LoadedModel) else None
-        if isinstance(generator, str):
+        loaded_gen = generator if not isinstance(generator, str) else None
+        style = isinstance(generator, str) and generator.startswith("style:")
+        if isinstance(generator, str) and not style:
             name, tag = split_model_ref(generator)
             loaded_gen = load_model(name, generator_pretrained or tag, device=device, precision=precision)
-        if loaded_gen is not None:
+        if isinstance(loaded_gen, LoadedModel):
             from retriever.generate.captioner import Captioner
 
             Captioner(loaded_gen)  # fail now, not at the first query, if it cannot write
         paths = [] if index is None else [index] if isinstance(index, (str, Path)) else list(index)
         if not paths:
+            if style:
+                from retriever.generate.style import load_generator
+
+                loaded_gen = load_generator(generator, device=device, precision=precision)
             return cls(None, None, loaded_gen)
         manifest = read_manifest(paths[0])
         recorded = manifest["model"]
@@ -108,6 +118,14 @@ class Retriever:
         loaded = load_model(model, pretrained, device=device, precision=precision)
         use_gpu = None if device in (None, "cuda") else False
         first, *rest = [read_index(path, use_gpu=use_gpu) for path in paths]
+        if style:  # shares the index's CLIP model, and must have been trained with it
+            from retriever.generate.style import load_generator
+
+            loaded_gen = load_generator(generator, device=device, precision=precision, clip=loaded)
+        if getattr(loaded_gen, "wants_index_memory", False):
+            from retriever.search.style_memory import index_memory
+
+            loaded_gen.memory_lookup = index_memory(first)
         return cls(first, loaded, loaded_gen, rest)
 
     @property
@@ -282,9 +300,9 @@ class Retriever:
         return [(self.encoder.encode_text(t, show_progress_bar=False) @ xq[i]).tolist() if t else []
                 for i, t in enumerate(texts)]
 
-    @staticmethod
-    def _generated_hits(texts: list[str], scores: list[float] | None) -> list[Hit]:
-        hits = [Hit(text=t, score=None if scores is None else float(s), id=None, source="generated")
+    def _generated_hits(self, texts: list[str], scores: list[float] | None) -> list[Hit]:
+        source = getattr(self.captioner, "source", "generated")  # "styled" for a style decoder
+        hits = [Hit(text=t, score=None if scores is None else float(s), id=None, source=source)
                 for t, s in zip(texts, scores if scores is not None else [None] * len(texts))]
         return sorted(hits, key=lambda h: -h.score) if scores is not None else hits
 
