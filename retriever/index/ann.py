@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 EXACT_UP_TO = 200_000  # below this, `auto` keeps exact search: it is fast enough and perfect
 HNSW_M = 32
+PQ_MIN_TRAIN = 256  # 8-bit PQ codes: k-means into 256 centroids per sub-vector needs 256 points
 
 
 @dataclass
@@ -51,7 +52,7 @@ def parse_bytes(text: str | int | None) -> int | None:
     """'4G', '512M', '1.5GB', '123' -> bytes; None stays None."""
     if text is None or isinstance(text, int):
         return text
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
     if not match:
         raise RetrieverError(f"cannot read memory size {text!r}; write it like 4G or 512M")
     scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[match.group(2).upper()]
@@ -74,8 +75,12 @@ def _pq_m(d: int, budget_per_vector: float) -> int | None:
     return None
 
 
-def plan_index(n: int, d: int, index_type: str = "auto", max_memory: int | None = None) -> IndexPlan:
-    """Pick the index for `n` vectors of dimension `d` within `max_memory` bytes."""
+def plan_index(n: int, d: int, index_type: str = "auto", max_memory: int | None = None, *,
+               at_most: bool = False) -> IndexPlan:
+    """Pick the index for `n` vectors of dimension `d` within `max_memory` bytes.
+
+    `at_most` says `n` is an upper bound (a corpus's row count before reading it), for messages.
+    """
     if index_type not in INDEX_TYPES:
         raise RetrieverError(f"unknown index type {index_type!r}; choose from {', '.join(INDEX_TYPES)}")
     nlist = _nlist(n)
@@ -93,7 +98,10 @@ def plan_index(n: int, d: int, index_type: str = "auto", max_memory: int | None 
     m = _pq_m(d, (budget - nlist * d * 4) / max(n, 1)) if budget != math.inf else min(64, d // 2 or 1)
     if m is None and index_type in ("auto", "ivfpq"):
         raise RetrieverError(f"{n} vectors of dimension {d} do not fit in {max_memory} bytes even as 1-byte codes")
-    if m is not None:
+    if index_type == "ivfpq" and n < PQ_MIN_TRAIN:
+        raise RetrieverError(f"--index-type ivfpq needs at least {PQ_MIN_TRAIN} texts to train its codes, and the "
+                             f"corpus has {'at most ' if at_most else ''}{n}; use --index-type flat (exact) or auto")
+    if m is not None and n >= PQ_MIN_TRAIN:
         plans["ivfpq"] = IndexPlan("ivfpq", f"IVF{nlist},PQ{m}x8", "nprobe", n * (m + 8) + nlist * d * 4)
     if index_type != "auto":
         plan = plans[index_type]
@@ -161,8 +169,11 @@ def perturbed_queries(xb: np.ndarray, n: int, seed: int = 0, cosine: float = 0.7
 
 
 def recall_at_k(I: np.ndarray, gt: np.ndarray, k: int = 10) -> float:
-    """Mean |I[:, :k] ∩ gt[:, :k]| / k."""
-    return float(sum(len(set(a[:k]) & set(b[:k])) for a, b in zip(I, gt)) / (k * len(I)))
+    """|I[:, :k] ∩ gt[:, :k]| over the true neighbours there are: where the database holds fewer
+    than `k` vectors, the -1 padding of `gt` is not a neighbour to find (exact search scores 1)."""
+    found = sum(len((set(a[:k].tolist()) & set(b[:k].tolist())) - {-1}) for a, b in zip(I, gt))
+    possible = sum(int((b[:k] >= 0).sum()) for b in gt)
+    return float(found / possible) if possible else 1.0
 
 
 def tune(index, plan: IndexPlan, xq: np.ndarray, gt: np.ndarray, target: float, k: int = 10) -> TuneResult:

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Callable
 
 from retriever.corpus.reader import BadRow, CorpusReport, check_corpus_file, count_rows, iter_corpus
 from retriever.models.encoder import Encoder
-from retriever.errors import IndexFormatError
+from retriever.errors import IndexFormatError, RetrieverError
 from retriever.index.faiss_import import import_faiss
+from retriever.index.lock import BuildLock
+from retriever.index.publish import check_out, recover
 from retriever.index.store import RESERVED_COLUMNS, write_index
 from retriever.models.loading import LoadedModel, sha256_file
 from retriever.progress import progress
@@ -72,7 +74,7 @@ def build_index(
         column: the text column; auto-detected by default.
         strict: make bad rows fatal.
         batch_size: texts per forward pass.
-        overwrite: replace an existing index at `out`.
+        overwrite: replace an existing index at `out` (only an index: any other folder is refused).
         show_progress_bar: None shows one on stderr when it is a terminal.
         on_bad_row: called with each skipped bad row.
         chunk_size: texts per shard; bounds memory while embedding.
@@ -82,15 +84,45 @@ def build_index(
         use_gpu: train and add on the GPU when faiss has one (None), or never (False).
         store_vectors: keep the exact fp16 vectors beside the index (`vectors.f16.npy`: 2 bytes
             per dimension per text) for exact re-ranking, diversity and "more like this".
+
+    Raises:
+        IndexFormatError: `out` is not an index (or exists without `overwrite`), another build
+            holds its lock, or the files cannot be written.
+        CorpusError, RetrieverError: an unreadable corpus, or an index type that cannot be built.
     """
     from retriever.index.ann import plan_index
 
     check_corpus_file(corpus_path)  # before hashing: a FIFO or /dev/zero would never end
     import_faiss()  # before hours of embedding, not after
     start = time.perf_counter()
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise IndexFormatError(f"{out} already exists (use --overwrite to replace it)")
+    out = check_out(out, overwrite)
+    rows = count_rows(corpus_path)
+    if rows is not None:  # the index must be buildable from at most this many texts: say so now
+        plan_index(rows + 1, model.embed_dim, index_type, max_memory, at_most=True)  # +1: no final newline
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with BuildLock(out) as lock:
+            out = check_out(out, overwrite)  # again, now that no other build can change it
+            recover(out)
+            return _build_locked(corpus_path, out, model, lock, rows, start, column=column, strict=strict,
+                                 batch_size=batch_size, overwrite=overwrite, show_progress_bar=show_progress_bar,
+                                 on_bad_row=on_bad_row, chunk_size=chunk_size, index_type=index_type,
+                                 max_memory=max_memory, recall_target=recall_target, use_gpu=use_gpu,
+                                 store_vectors=store_vectors)
+    except OSError as e:
+        where = e.filename or out
+        raise IndexFormatError(f"{where}: {e.strerror or e} (while building {out}); free space or fix "
+                               "permissions, then run the same command to resume") from None
+
+
+def _build_locked(corpus_path: str | Path, out: Path, model: LoadedModel, lock: BuildLock, rows: int | None,
+                  start: float, *, column: str | None, strict: bool, batch_size: int, overwrite: bool,
+                  show_progress_bar: bool | None, on_bad_row: Callable[[BadRow], None] | None, chunk_size: int,
+                  index_type: str, max_memory: int | None, recall_target: float, use_gpu: bool | None,
+                  store_vectors: bool) -> BuildResult:
+    """`build_index` once the build lock on `out` is held."""
+    from retriever.index.ann import plan_index
+
     corpus_sha = sha256_file(corpus_path)
     state = {"corpus_sha256": corpus_sha, "model": model.fingerprint, "column": column, "chunk_size": chunk_size}
     shards, _ = ShardDir.open(out, state)
@@ -98,7 +130,7 @@ def build_index(
     report = CorpusReport()
     encoder = Encoder(model)
     embedded = 0
-    with progress(count_rows(corpus_path), "embedding", "texts", show_progress_bar) as advance:
+    with progress(rows, "embedding", "texts", show_progress_bar) as advance:
         chunk: list[tuple[str, dict]] = []
         number = 0
         rows_seen = 0
@@ -128,6 +160,7 @@ def build_index(
     count = number
     n, d = report.kept, model.embed_dim
     plan = plan_index(n, d, index_type, max_memory)
+    shards.check(count, d)
     faiss_index, tuning = _assemble(shards, count, plan, d, recall_target, use_gpu)
     manifest = {
         "model": model.describe(),
@@ -145,7 +178,7 @@ def build_index(
     }
     schema = _unified_schema([t.schema for t in shards.tables(count)])
     path = write_index(out, faiss_index, (_conform(t, schema) for t in shards.tables(count)), schema,
-                       manifest, overwrite=overwrite,
+                       manifest, overwrite=overwrite, lock=lock,
                        vectors=(shards.vectors(i) for i in range(count)) if store_vectors else None)
     shards.remove()
     index_info = {"index_type": plan.index_type, "search_params": tuning.params}
@@ -171,7 +204,12 @@ def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, 
         if use_gpu is not False and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
             ivf = faiss.extract_index_ivf(index)
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(d))
-        index.train(sample)
+        try:
+            index.train(sample)
+        except RuntimeError as e:  # plan_index rules out what is known to fail; this names the rest
+            reason = " ".join(str(e).split()).rsplit("Error: ", 1)[-1][:200]
+            raise RetrieverError(f"cannot train a {plan.index_type} index on {train_n} texts ({reason}); "
+                                 "try --index-type flat or auto") from None
     for vectors in shards.iter_vectors(count):
         index.add(vectors)
     if not plan.tune:

@@ -7,8 +7,10 @@
       vectors.f16.npy  the exact normalised embeddings, fp16, row = id (absent with --no-vectors);
                        memory-mapped for exact re-ranking, diversity and "more like this"
 
-A directory is written under a temporary name beside its target and renamed into place only
-when complete, so an interrupted build never leaves a half index that loads.
+A directory is written under a temporary name beside its target and published only when
+complete (publish.py), so an interrupted build never leaves a half index that loads, and a
+reader sees the old index or the new one. The manifest records each file's size (checked on
+every open) and SHA-256 (checked by `verify_index`, see verify.py).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from retriever.errors import IndexFormatError
 from retriever.index.faiss_import import import_faiss
+from retriever.index.lock import BuildLock
+from retriever.index.publish import check_out, new_temp_dir, publish, recover, wait_for_publish
+from retriever.index.verify import check_manifest, check_scores, check_sizes, damaged, file_records
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,7 +59,9 @@ class TextIndex:
         import numpy as np
 
         xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
-        return self.faiss_index.search(xq, min(k, len(self)))
+        D, I = self.faiss_index.search(xq, min(k, len(self)))
+        check_scores(self.path, D, I)
+        return D, I
 
     def rows(self, ids: list[int]) -> list[dict]:
         """The stored id, text and metadata of each row id, as dicts."""
@@ -64,41 +70,46 @@ class TextIndex:
 
 
 def write_index(path: str | Path, faiss_index: Any, texts: Iterable[pa.Table], schema: pa.Schema,
-                manifest: dict, overwrite: bool = False, vectors: Iterable[np.ndarray] | None = None) -> Path:
+                manifest: dict, overwrite: bool = False, vectors: Iterable[np.ndarray] | None = None,
+                lock: BuildLock | None = None) -> Path:
     """Write a built FAISS index, its texts (tables conforming to `schema`) and optionally its
-    exact vectors (blocks in row order, stored as one fp16 array) atomically."""
+    exact vectors (blocks in row order, stored as one fp16 array) atomically.
+
+    The files are written into a temporary directory beside `path`, their sizes and SHA-256 go
+    into the manifest, and the directory is then published in one step (see publish.py): a
+    reader sees the old index or the new one. Only an index is ever replaced (`overwrite`).
+
+    Args:
+        lock: the caller's build lock on `path`, if it holds one; otherwise one is taken here.
+    """
     faiss = import_faiss()
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise IndexFormatError(f"{path} already exists (use --overwrite to replace it)")
+    path = check_out(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    manifest = {**manifest, "format_version": FORMAT_VERSION, "count": int(faiss_index.ntotal)}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an index is an ordinary directory
+    own_lock = BuildLock(path).acquire() if lock is None else None
     try:
-        faiss.write_index(faiss_index, str(tmp / FAISS_FILE))
-        with pq.ParquetWriter(tmp / TEXTS_FILE, schema) as writer:
-            for table in texts:
-                writer.write_table(table)
-        if vectors is not None:
-            _write_vectors(tmp / VECTORS_FILE, vectors, int(faiss_index.ntotal), int(faiss_index.d))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        _fsync_dir(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        path = check_out(path, overwrite)  # again, now that no other build can change it
+        recover(path)
+        manifest = {**manifest, "format_version": FORMAT_VERSION, "count": int(faiss_index.ntotal)}
+        tmp = new_temp_dir(path)
+        try:
+            faiss.write_index(faiss_index, str(tmp / FAISS_FILE))
+            with pq.ParquetWriter(tmp / TEXTS_FILE, schema) as writer:
+                for table in texts:
+                    writer.write_table(table)
+            if vectors is not None:
+                _write_vectors(tmp / VECTORS_FILE, vectors, int(faiss_index.ntotal), int(faiss_index.d))
+            manifest["files"] = file_records(tmp, (FAISS_FILE, TEXTS_FILE, VECTORS_FILE))
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+            _fsync_dir(tmp)
+            publish(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        if own_lock is not None:
+            own_lock.release()
     return path
 
 
@@ -118,45 +129,62 @@ def _write_vectors(path: Path, blocks: Iterable[np.ndarray], count: int, d: int)
 
 
 def read_manifest(path: str | Path) -> dict:
-    """The manifest of the index at `path`, checked for the format version."""
+    """The manifest of the index at `path`, checked for the format version and its schema."""
     path = Path(path)
+    wait_for_publish(path)
     file = path / MANIFEST
-    if not path.is_dir():
+    if not path.exists():
         raise IndexFormatError(f"{path}: no such index directory")
+    if not path.is_dir():
+        raise IndexFormatError(f"{path}: not an index directory (it is a file)")
     if not file.is_file():
         raise IndexFormatError(f"{path}: not an index (no {MANIFEST}); build one with `retriever build-index`")
     try:
-        manifest = json.loads(file.read_text())
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise damaged(path, f"{MANIFEST} cannot be read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IndexFormatError(f"{file}: unreadable manifest ({e})") from None
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+        raise damaged(path, f"{MANIFEST} is not valid JSON ({e})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if isinstance(manifest, dict) and "format_version" in manifest and version != FORMAT_VERSION:
         raise IndexFormatError(f"{path}: index format {version}, this retriever reads format {FORMAT_VERSION}; rebuild it")
-    return manifest
+    return check_manifest(manifest, path)
+
+
+def _short(fingerprint: str) -> str:
+    """A fingerprint shortened for a message: 'sha256:1a2b3c4d5e6f'."""
+    kind, _, value = fingerprint.rpartition(":")
+    return f"{kind}:{value[:12]}" if kind and len(value) > 12 else fingerprint[:40]
 
 
 def check_built_with(manifest: dict, model: LoadedModel, path: str | Path, advice: str) -> None:
     """Raise IndexFormatError (ending with `advice`) unless the index at `path` was built with `model`."""
-    built_with = manifest.get("model") or {}
-    if built_with.get("fingerprint") != model.fingerprint:
+    built_with = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    recorded = str(built_with.get("fingerprint") or "")
+    if recorded != model.fingerprint:
         name, pretrained = built_with.get("name"), built_with.get("pretrained")
         label = f"{name} ({pretrained})" if pretrained else str(name)
+        if str(name) == str(model.spec):  # the same name: the weights differ, so show how
+            raise IndexFormatError(f"{path} was built with {label} weights {_short(recorded) or 'unknown'}, "
+                                   f"not these ({_short(model.fingerprint) or 'unknown'}); {advice}")
         raise IndexFormatError(f"{path} was built with {label}, not {model.spec}; {advice}")
     if manifest.get("embedding_dim") != model.embed_dim:
         raise IndexFormatError(f"{path}: dimension {manifest.get('embedding_dim')} != model's {model.embed_dim}")
 
 
 def read_index(path: str | Path, use_gpu: bool | None = None, mmap: bool | None = None) -> TextIndex:
-    """Load an index.
+    """Load an index, checking it against its manifest (file sizes, dimension, counts, columns).
 
     Args:
         path: the index directory.
         use_gpu: None moves it to the GPU when faiss has one; False keeps it on the CPU.
         mmap: memory-map the vectors instead of reading them into RAM; None does so when the
             index file is larger than half the available memory.
+
+    Raises:
+        IndexFormatError: not an index, another format, or damaged (saying what is wrong).
     """
     faiss = import_faiss()
-    import pyarrow.parquet as pq
 
     from retriever.index.ann import apply_search_params
 
@@ -164,21 +192,70 @@ def read_index(path: str | Path, use_gpu: bool | None = None, mmap: bool | None 
     manifest = read_manifest(path)
     for name in (FAISS_FILE, TEXTS_FILE):
         if not (path / name).is_file():
-            raise IndexFormatError(f"{path}: incomplete index, {name} is missing")
+            raise damaged(path, f"incomplete index, {name} is missing")
+    check_sizes(path, manifest)
+    size = (path / FAISS_FILE).stat().st_size
+    if size == 0:
+        raise damaged(path, f"{FAISS_FILE} is empty")
     if mmap is None:
-        mmap = (path / FAISS_FILE).stat().st_size > 0.5 * _available_memory()
+        mmap = size > 0.5 * _available_memory()
     # Inverted lists (IVF) and flat code arrays (Flat, HNSW storage) are mapped by different flags.
-    ivf = str(manifest.get("faiss_factory", "")).startswith("IVF")
+    ivf = str(manifest.get("faiss_factory") or "").startswith("IVF")
     flags = ((faiss.IO_FLAG_MMAP if ivf else faiss.IO_FLAG_MMAP_IFC) | faiss.IO_FLAG_READ_ONLY) if mmap else 0
-    index = faiss.read_index(str(path / FAISS_FILE), flags)
-    texts = pq.read_table(path / TEXTS_FILE, memory_map=True)
-    if index.ntotal != manifest["count"] or texts.num_rows != manifest["count"]:
-        raise IndexFormatError(f"{path}: corrupt index ({index.ntotal} vectors, {texts.num_rows} texts, "
-                               f"manifest says {manifest['count']})")
+    try:
+        index = faiss.read_index(str(path / FAISS_FILE), flags)
+    except (RuntimeError, MemoryError, ValueError, OverflowError) as e:
+        raise damaged(path, f"{FAISS_FILE} cannot be read ({_faiss_reason(e)})") from None
+    count, d = manifest["count"], manifest["embedding_dim"]
+    if index.d != d:
+        raise damaged(path, f"{FAISS_FILE} holds {index.d}-dimensional vectors, the manifest says {d}")
+    if index.ntotal != count:
+        raise damaged(path, f"{FAISS_FILE} holds {index.ntotal} vectors, the manifest says {count}")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise damaged(path, f"{FAISS_FILE} does not rank by inner product")
+    texts = _read_texts(path, count)
     if use_gpu is not False and not mmap and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_all_gpus(index)
-    apply_search_params(index, manifest.get("search_params") or {})
+    try:
+        apply_search_params(index, manifest.get("search_params") or {})
+    except RuntimeError as e:
+        raise damaged(path, f"manifest.json's search_params do not fit {FAISS_FILE} ({_faiss_reason(e)})") from None
     return TextIndex(path, manifest, index, texts)
+
+
+def _read_texts(path: Path, count: int) -> pa.Table:
+    """texts.parquet, checked: `count` rows, ids 0..count-1 in order, non-null string texts."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        texts = pq.read_table(path / TEXTS_FILE, memory_map=True)
+    except (pa.ArrowException, OSError) as e:
+        raise damaged(path, f"{TEXTS_FILE} cannot be read ({str(e).splitlines()[0][:160]})") from None
+    for name, check, kind in (("id", pa.types.is_integer, "integer"),
+                              ("text", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string")):
+        if name not in texts.column_names:
+            raise damaged(path, f"{TEXTS_FILE} has no {name!r} column (it has {', '.join(texts.column_names[:6])})")
+        if not check(texts.schema.field(name).type):
+            raise damaged(path, f"{TEXTS_FILE}'s {name!r} column holds {texts.schema.field(name).type}, not {kind}s")
+        if texts.column(name).null_count:
+            raise damaged(path, f"{TEXTS_FILE}'s {name!r} column has {texts.column(name).null_count} null values")
+    if texts.num_rows != count:
+        raise damaged(path, f"{TEXTS_FILE} holds {texts.num_rows} rows, the manifest says {count}")
+    ids = texts.column("id").to_numpy()
+    if not np.array_equal(ids, np.arange(count)):
+        first = int(np.flatnonzero(ids != np.arange(count))[0])
+        raise damaged(path, f"{TEXTS_FILE}'s row {first} has id {ids[first]}; ids must run 0..{count - 1} in order")
+    return texts
+
+
+def _faiss_reason(error: BaseException) -> str:
+    """The useful line of a faiss exception (they span several lines and name C++ sources)."""
+    import re
+
+    text = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", " ".join(str(error).split()))
+    return text[:160] or type(error).__name__
 
 
 def _available_memory() -> int:

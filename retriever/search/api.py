@@ -16,6 +16,7 @@ from retriever.models.encoder import Encoder
 from retriever.errors import RetrieverError
 from retriever.models.images import load_image
 from retriever.index.store import TextIndex, check_built_with, read_index, read_manifest
+from retriever.index.verify import check_scores
 from retriever.models.loading import LoadedModel, load_model, split_model_ref
 
 if TYPE_CHECKING:
@@ -286,6 +287,8 @@ class Retriever:
         names = [Path(index.path).name for index in self.indexes]
         results = []
         for hits in search_indexes(self.indexes, xq, k, options, masks):
+            for n, score, i in hits:  # a cosine above 1 is a corrupt vector, never an answer
+                check_scores(self.indexes[n].path, [score], [i])
             rows = [self.indexes[n].rows([i])[0] for n, _, i in hits]
             results.append([_hit(row, score, names[n]) for row, (n, score, _) in zip(rows, hits)])
         return results
