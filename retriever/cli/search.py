@@ -73,9 +73,13 @@ def build_index_cmd(
     from retriever.index.build import build_index
     from retriever.models.loading import load_model
 
+    from retriever.index.lock import check_unlocked
+    from retriever.index.publish import check_out
+
     out = out or DEFAULT_INDEX_ROOT / corpus.stem
-    if out.exists() and not overwrite:
-        raise RetrieverError(f"{out} already exists (use --overwrite to replace it)")
+    out = check_out(out, overwrite)  # refuse a folder that is not an index before loading a model
+    check_unlocked(out)
+    parse_bytes(max_memory)
     loaded = load_model(model, pretrained, device=device, precision=precision)
 
     warnings = CappedWarnings(quiet)
@@ -285,19 +289,33 @@ def _answer(retriever, images: list[str], text: str | None, k: int, options: dic
 @friendly_errors
 def info(
     index: Annotated[Path, typer.Argument(help="Index directory.")],
+    verify: Annotated[bool, typer.Option("--verify", help="Also check every file against the SHA-256 in the manifest (reads it all).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print an index's manifest: model, counts, corpus and versions.
+    """Print an index's manifest (model, counts, corpus, versions) after checking the index opens.
 
-    Example: retriever info indexes/coco
+    With --verify, every file is read and checked against its recorded SHA-256: a damaged
+    index is an error naming the file (exit 1).
+
+    Example: retriever info indexes/coco --verify
     """
-    from retriever.index.store import read_manifest
+    from retriever.index.store import read_index, read_manifest
+    from retriever.index.verify import can_verify, verify_index
 
-    manifest = read_manifest(index)
+    verified = None
+    if verify and can_verify(read_manifest(index)):
+        verify_index(index)  # first: a changed byte is best named by its file's hash
+        verified = "ok"
+    manifest = read_index(index, use_gpu=False, mmap=True).manifest  # sizes, dimension, counts, columns
     if as_json:
-        emit_json(manifest)
+        emit_json({**manifest, **({"verified": verified} if verify else {})})
     else:
         print(json.dumps(manifest, indent=2, ensure_ascii=False))
+        if verified:
+            print(f"OK: {index}: {len(manifest['files'])} files match their recorded SHA-256")
+    if not can_verify(manifest):
+        stderr(f"note: {index} was built before file checksums were recorded, so it cannot be verified; "
+               "rebuild it with build-index ... --overwrite to add them")
 
 
 @app.command()
