@@ -350,6 +350,9 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     max_upload: Annotated[str, typer.Option(help="Largest accepted request body, e.g. 10M.")] = "10M",
     max_pending: Annotated[int, typer.Option(min=1, help="Queries waiting or running at once; more get 503.")] = 32,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="File holding an API key that clients must send (Authorization: Bearer KEY or X-API-Key); else $RETRIEVER_API_KEY.")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(help="Another Host name clients may use (this machine's LAN name or IP, the proxy's name); repeat for several; '*' for any.")] = None,
+    read_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request (headers and body) may take to arrive; slower clients are cut off.")] = 60.0,
     device: DeviceOpt = None,
 ) -> None:
     """Serve the HTTP API (POST /v1/query, GET /v1/indexes, /healthz, /openapi.json) and a web page at /.
@@ -359,13 +362,21 @@ def serve(
     from retriever.index.ann import parse_bytes
     from retriever.search.api import Retriever
     from retriever.serve.app import ServerSettings, create_app
+    from retriever.serve.run import listen
+    from retriever.serve.run import serve as run_server
+    from retriever.serve.security import allowed_hosts, exposure_warning, read_api_key
 
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise RetrieverError("the server needs its extra: pip install 'retriever[serve]'") from None
     if not index and not generator:
         raise typer.BadParameter("give at least one --index, or a --generator", param_hint="--index")
+    api_key = read_api_key(api_key_file)
+    warning = exposure_warning(host, api_key)
+    if warning:
+        stderr(f"warning: {warning}")
+    sock = listen(host, port)  # before the models load: a taken port fails in a second, not a minute
     shared_generator = Retriever.open(None, device=device, generator=generator).generator if generator else None
     retrievers = {}
     for path in index or []:
@@ -374,9 +385,11 @@ def serve(
         retrievers[path.name] = Retriever.open(path, device=device, generator=shared_generator)
     if not retrievers:
         retrievers["generator"] = Retriever.open(None, generator=shared_generator)
-    settings = ServerSettings(max_upload_bytes=parse_bytes(max_upload), max_pending=max_pending)
-    stderr(f"serving {', '.join(retrievers)} on http://{host}:{port}/")
-    uvicorn.run(create_app(retrievers, settings), host=host, port=port, log_level="warning")
+    settings = ServerSettings(max_upload_bytes=parse_bytes(max_upload), max_pending=max_pending,
+                              allowed_hosts=allowed_hosts(host, allowed_host or ()), api_key=api_key,
+                              read_timeout_s=read_timeout)
+    stderr(f"serving {', '.join(retrievers)} on http://{host}:{port}/" + (" (API key required)" if api_key else ""))
+    run_server(create_app(retrievers, settings), sock, settings)
 
 
 @app.command("toy-images")

@@ -21,7 +21,8 @@ def client(toy_index):
 
     retrievers = {"toy": Retriever.open(toy_index, generator="toyworld-coca"),
                   "captions-only": Retriever.open(generator="toyworld-coca")}
-    with TestClient(create_app(retrievers, ServerSettings(max_upload_bytes=LIMIT, max_text_chars=300))) as c:
+    with TestClient(create_app(retrievers, ServerSettings(max_upload_bytes=LIMIT, max_text_chars=300)),
+                    base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -150,7 +151,7 @@ def test_full_queue_answers_503_with_retry_after(toy_index, sample):
         return original(*args, **kwargs)
 
     retriever.query = slow_query
-    with TestClient(create_app({"toy": retriever}, ServerSettings(max_pending=1))) as c:
+    with TestClient(create_app({"toy": retriever}, ServerSettings(max_pending=1)), base_url="http://localhost") as c:
         first = {}
         thread = threading.Thread(target=lambda: first.update(r=upload(c, sample[0])))
         thread.start()
