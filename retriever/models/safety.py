@@ -11,6 +11,7 @@ plain containers and refuses everything else, so a pickle can never run code.
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -95,13 +96,26 @@ def check_checkpoint(path: str | Path) -> None:
     if not head:
         raise ModelError(f"{path}: empty file (0 bytes); give a checkpoint (.safetensors, .pt, .bin)")
     try:
-        # mmap maps a zip checkpoint instead of reading it, so checking a large one costs little.
-        torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            # mmap maps a zip checkpoint instead of reading it, so checking a large one costs little.
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ... for one bad file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _load_failure(e)
         raise ModelError(f"{path}: refused as a checkpoint: it cannot be loaded as plain tensors ({reason[:200]}). "
                          f"Only weights are read, never pickled code; re-save it with "
                          f"torch.save(model.state_dict()) or as .safetensors") from None
+
+
+def _load_failure(error: Exception) -> str:
+    """The useful line of a torch.load failure (torch's own first line advises weights_only=False)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line.removeprefix("WeightsUnpickler error:").strip()
+    if lines and lines[0].startswith("Weights only load failed"):
+        return "it holds Python objects, not only tensors"
+    return lines[0] if lines else type(error).__name__
 
 
 class _Fields:
