@@ -184,7 +184,7 @@ def _result_metrics(retriever: Retriever, pil: list, xq: np.ndarray, images: lis
         top1.append(hits[0].text in by_image[image])
         scored = [h.score for h in hits if h.score is not None]
         relevance.append(float(np.mean(scored)) if scored else math.nan)
-        ils.append(intra_list_similarity(encoder.encode_text([h.text for h in hits], show_progress_bar=False)))
+        ils.append(intra_list_similarity(_hit_vectors(retriever, encoder, hits)))
         for column in {key for h in hits for key, value in h.metadata.items() if _is_attribute(value)}:
             distinct.setdefault(column, []).append(len({h.metadata.get(column) for h in hits}))
     return {
@@ -194,6 +194,22 @@ def _result_metrics(retriever: Retriever, pil: list, xq: np.ndarray, images: lis
         "mean_relevance": float(np.nanmean(relevance)) if relevance else 0.0,
         "distinct_per_list": {column: float(np.mean(counts)) for column, counts in sorted(distinct.items())},
     }
+
+
+def _hit_vectors(retriever: Retriever, encoder, hits: list) -> np.ndarray:
+    """The hits' text vectors: read from their indexes' stored vectors where every hit has one
+    (a read, not a re-encode: large evaluations stay fast), else encoded."""
+    import numpy as np
+
+    from retriever.search.options import can_rerank, exact_vectors
+
+    by_name = {Path(ix.path).name: ix for ix in retriever.indexes}
+    if len(retriever.indexes) == 1:
+        by_name[None] = retriever.indexes[0]
+    sources = [by_name.get(h.index) if h.id is not None else None for h in hits]
+    if all(ix is not None and can_rerank(ix) for ix in sources):
+        return np.stack([exact_vectors(ix, np.array([h.id]))[0] for ix, h in zip(sources, hits)])
+    return encoder.encode_text([h.text for h in hits], show_progress_bar=False)
 
 
 def _is_attribute(value: Any) -> bool:
