@@ -183,9 +183,9 @@ def check_fields(data: dict[str, Any], limits: Limits) -> QueryParams:
         filename = "upload" if data.get("image_bytes") is not None else None
     images = _images_field(data, limits.max_images)
     weights = _weights_field(data.get("weights"), limits.max_images)
-    if weights is not None and len(weights) != max(len(images), 1 if data.get("image_bytes") is not None else 0):
-        shown = len(images) or (1 if data.get("image_bytes") is not None else 0)
-        raise HTTPProblem(400, f"{len(weights)} weights for {shown} image(s): send one weight per image")
+    count = len(images) or (1 if data.get("image_bytes") is not None else 0)
+    if weights is not None and count and len(weights) != count:  # weights with no image: _check_query says so
+        raise HTTPProblem(400, f"{len(weights)} weights for {count} image(s): send one weight per image")
     where = _text_field(data, "where", limits.max_text_chars)
     if where is not None:
         from retriever.search.filters import FilterError, parse_where
