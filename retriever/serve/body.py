@@ -272,13 +272,14 @@ def _weight(value: Any, name: str) -> float:
 def _names_field(value: Any, limit: int) -> list[str] | None:
     if value is None:
         return None
-    items = _list_of(value, "indexes", limit)
+    items = _list_of(value, "indexes", 64)  # repeats are dropped below, then the loaded count applies
     names = []
     for i, item in enumerate(items):
         if not isinstance(item, str) or not item.strip():
             raise HTTPProblem(400, f"indexes[{i}] must be an index name (a non-empty string), not "
                                    f"{_json_type(item) if not isinstance(item, str) else 'an empty string'}")
         names.extend(part.strip() for part in item.split(",") if part.strip())
+    names = list(dict.fromkeys(names))  # a name twice is searched once
     if not names:
         raise HTTPProblem(400, "indexes is empty: name one or more loaded indexes")
     if len(names) > limit:
@@ -286,7 +287,7 @@ def _names_field(value: Any, limit: int) -> list[str] | None:
     for name in names:
         if not _encodable(name):
             raise HTTPProblem(400, "indexes is not valid Unicode (it holds a lone surrogate)")
-    return list(dict.fromkeys(names))
+    return names
 
 
 def _modifiers_field(value: Any, name: str, limits: Limits) -> list[tuple[str, float]]:

@@ -162,7 +162,7 @@ RAW_JSON = [
     ("indexes a number", '{"text": "a star", "indexes": [1]}', 400, "indexes[0] must be an index name"),
     ("indexes empty string", '{"text": "a star", "indexes": [""]}', 400, "indexes[0] must be an index name"),
     ("indexes empty", '{"text": "a star", "indexes": []}', 400, "indexes is empty"),
-    ("indexes over the loaded count", '{"text": "a star", "indexes": ["toy", "b"]}', 400, "the limit is 1"),
+    ("indexes over the loaded count", '{"text": "a star", "indexes": ["toy", "b", "toy"]}', 400, "holds 2 names; the limit is 1"),
     ("indexes unknown", '{"text": "a star", "indexes": ["nope"]}', 404, "unknown index 'nope'"),
     ("indexes lone surrogate", '{"text": "a star", "indexes": ["\\ud800"]}', 400, "lone surrogate"),
     ("index and indexes", '{"text": "a star", "index": "toy", "indexes": ["toy"]}', 400, "not both"),
