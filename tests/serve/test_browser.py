@@ -27,10 +27,23 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(toy_index):
+def small_index(tmp_path_factory, toy_model):
+    """A second index of the toy model, named `more`: the small shapes only."""
+    from retriever.index.build import build_index
+
+    corpus = tmp_path_factory.mktemp("small") / "small.txt"
+    # reversed, so an id names another text here than in `toy`
+    corpus.write_text("\n".join(s.caption for s in toyworld.all_scenes()[::-1] if s.size == "small") + "\n")
+    out = tmp_path_factory.mktemp("indexes2") / "more"
+    build_index(corpus, out, toy_model, show_progress_bar=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(toy_index, small_index):
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "retriever", "serve", "--index", str(toy_index),
+    proc = subprocess.Popen([sys.executable, "-m", "retriever", "serve", "--index", str(toy_index), "--index", str(small_index),
                              "--generator", "toyworld-coca", "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -194,7 +207,6 @@ def test_steering_diversity_filter_more_like_and_pins(server, page, tmp_path):
     assert [r["text"] for r in rows] == pinned and all(r["index"] == "toy" and isinstance(r["id"], int) for r in rows)
     page.click("#pins li button >> nth=0")
     assert page.locator("#pins li span").all_inner_texts() == pinned[1:]
-    assert not page.is_visible("#all-label")  # one index loaded: nothing to search together
 
 
 def test_image_and_text_together(server, page, tmp_path):
@@ -212,6 +224,27 @@ def test_image_and_text_together(server, page, tmp_path):
     assert _texts(page) != alone and any("blue" in t for t in _texts(page)[:3])
     _do(page, lambda: page.click("#clear-image"))  # the text alone
     assert not page.is_visible("#preview") and "“blue”" in page.inner_text("#status")
+
+
+def test_every_index_of_one_model_at_once(server, page):
+    page.goto(server)
+    page.wait_for_selector("#index option", state="attached")
+    assert page.is_visible("#all-label") and not page.is_checked("#all-indexes")
+    page.uncheck("#dedupe")  # the same text from both indexes: keep both
+    page.check("#all-indexes")
+    page.fill("#text", "a small red star on the left")
+    _do(page, lambda: page.press("#text", "Enter"))
+    assert "toy + more" in page.inner_text("#status")
+    assert _texts(page)[:2] == ["a small red star on the left"] * 2
+    badges = page.locator("li.hit .badge").all_inner_texts()[:2]
+    assert sorted(badges) == ["retrieved · more", "retrieved · toy"]
+    # more like this on the hit from `more`: the id is a row of that index, not of `toy`
+    from_more = badges.index("retrieved · more")
+    _do(page, lambda: page.click(f"li.hit .more >> nth={from_more}"))
+    assert not page.is_visible("#error"), page.inner_text("#error")
+    assert _texts(page)[:2] == ["a small red star on the left"] * 2 and "more like" in page.inner_text("#status")
+    page.uncheck("#all-indexes")
+    page.check("#dedupe")
 
 
 def test_narrow_screen_keeps_one_column(server, page):

@@ -23,7 +23,7 @@ def small_index(tmp_path_factory, toy_model):
     from retriever.index.build import build_index
 
     corpus = tmp_path_factory.mktemp("small") / "small.tsv"
-    scenes = [s for s in toyworld.all_scenes() if s.size == "small"]
+    scenes = [s for s in toyworld.all_scenes()[::-1] if s.size == "small"]  # reversed: ids differ from `toy`'s
     corpus.write_text("\n".join(["caption\tshape\tcolour"] + [f"{s.caption}\t{s.shape}\t{s.colour}" for s in scenes]) + "\n")
     out = tmp_path_factory.mktemp("indexes2") / "more"
     build_index(corpus, out, toy_model, show_progress_bar=False)
@@ -184,6 +184,8 @@ def test_several_indexes_are_searched_together_and_hits_name_theirs(client):
     assert {h["index"] for h in body["hits"]} == {"toy", "more"}
     # more like this on a hit of the second index: its id is a row of that index
     from_more = next(h for h in body["hits"] if h["index"] == "more")
+    from_toy = next(h for h in body["hits"] if h["index"] == "toy")
+    assert from_more["id"] != from_toy["id"]
     like = ask(client, like=from_more["id"], like_index="more", indexes=["toy", "more"], k=2, dedupe=False)
     assert texts(like) == [from_more["text"]] * 2
     only_more = ask(client, like=from_more["id"], like_index="more", k=1)
@@ -205,3 +207,20 @@ def test_openapi_documents_the_options(client):
         assert {"diversity", "fetch_k", "dedupe", "where", "plus", "minus", "like", "like_index", "indexes",
                 "weights", "text", "k", "mode", "index"} <= set(fields)
     assert "images" in schema["application/json"]["schema"]["properties"]
+
+
+def test_indexes_of_different_models_are_refused_together(toy_index, tmp_path):
+    """An index built with another model answers alone, but not merged with another model's hits."""
+    from fastapi.testclient import TestClient
+
+    from retriever.index.build import build_index
+    from retriever.models.loading import load_model
+
+    corpus = tmp_path / "other.txt"
+    corpus.write_text("a small red star on the left\na large blue circle on the top\n")
+    build_index(corpus, tmp_path / "other", load_model("toyworld-coca", device="cpu"), show_progress_bar=False)
+    retrievers = {"toy": Retriever.open(toy_index), "other": Retriever.open(tmp_path / "other")}
+    with TestClient(create_app(retrievers, ServerSettings(verify_on_start=False)), base_url="http://127.0.0.1") as c:
+        assert ask(c, text="a small red star on the left", index="other", k=1)["hits"][0]["index"] == "other"
+        message = refused(c, text="a small red star on the left", indexes=["toy", "other"])
+        assert message.startswith("toy, other cannot be searched together:") and "built with toyworld-coca" in message
