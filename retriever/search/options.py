@@ -210,8 +210,8 @@ def _threads() -> Any:
 
 def search_indexes(indexes: list[TextIndex], xq: np.ndarray, k: int, options: ResultOptions,
                    masks: list[np.ndarray | None] | None = None) -> list[list[tuple[int, float, int]]]:
-    """Search several indexes built with one model and merge by score: for each row of `xq`, the
-    `k` best (index position, score, row id). The indexes are searched in parallel threads
+    """Search several indexes built with one model and merge by score (by MMR when diversity is
+    on): for each row of `xq`, the `k` best (index position, score, row id). The indexes are searched in parallel threads
     (FAISS releases the GIL), so two cost about as much as the slower one where cores allow."""
     masks = masks or [None] * len(indexes)
     if len(indexes) == 1:
@@ -221,5 +221,13 @@ def search_indexes(indexes: list[TextIndex], xq: np.ndarray, k: int, options: Re
     merged = []
     for q in range(len(per_index[0])):
         hits = [(n, float(s), int(i)) for n, results in enumerate(per_index) for s, i in zip(*results[q])]
-        merged.append(sorted(hits, key=lambda h: -h[1])[:k])
+        if len(per_index) == 1:  # already in the order the options chose: MMR's order is not by score
+            merged.append(hits[:k])
+        elif options.diversity > 0 and hits:  # MMR again over the indexes' picks together
+            import numpy as np
+
+            xb = np.concatenate([exact_vectors(indexes[n], [i]) for n, _, i in hits])
+            merged.append([hits[j] for j in mmr(np.array([h[1] for h in hits]), xb, k, options.diversity)])
+        else:
+            merged.append(sorted(hits, key=lambda h: -h[1])[:k])
     return merged

@@ -4,7 +4,9 @@ The server never loads models: it is given `Retriever`s opened by the caller. In
 on one worker thread, off the event loop (torch uses every core inside it); at most
 `max_pending` queries wait or run at once, and the next one is answered 503 with Retry-After
 before its body is read, instead of queueing (and buffering uploads) without bound. Requests
-pass `security.SecurityMiddleware` first (Host, origin, API key). Every refusal is JSON:
+pass `security.SecurityMiddleware` first (Host, origin, API key); a query's fields are typed by
+`body.check_fields`, then checked against the loaded indexes and answered by `query`. Every
+refusal is JSON:
 
     {"error": {"status": 413, "message": "upload is 12.0 MB; the limit is 10.0 MB"}}
 """
@@ -19,10 +21,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Callable
 
-from retriever.errors import ImageError, IndexFormatError, MissingExtraError, RetrieverError
+from retriever.errors import MissingExtraError, RetrieverError
 from retriever.serve.body import (
     HTTPProblem,
-    QueryParams,
+    Limits,
     check_declared_length,
     check_fields,
     content_type_of,
@@ -31,6 +33,7 @@ from retriever.serve.body import (
     read_body,
 )
 from retriever.serve.health import IndexHealth, default_verifier
+from retriever.serve.query import QUERY_OPENAPI, Combined, answer, check_query, label, note
 from retriever.serve.security import LOOPBACK_NAMES, SecurityMiddleware
 
 if TYPE_CHECKING:
@@ -39,7 +42,6 @@ if TYPE_CHECKING:
     from retriever.search.api import Retriever
 
 __all__ = ["HTTPProblem", "ServerSettings", "create_app"]
-IMAGE_ERROR_STATUS = {"too_large": 413}
 
 
 @dataclass
@@ -47,8 +49,11 @@ class ServerSettings:
     """Limits of the HTTP API, and who may use it (see `retriever.serve.security`)."""
 
     max_upload_bytes: int = 10 * 2**20
-    max_text_chars: int = 2000
+    max_text_chars: int = 2000  # also bounds `where` and each plus/minus text
     max_k: int = 1000
+    max_fetch_k: int = 10_000
+    max_images: int = 8  # images in one blend
+    max_modifiers: int = 16  # plus and minus texts, each
     max_pending: int = 32
     retry_after_s: int = 1
     allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # "*" accepts any Host header
@@ -79,6 +84,10 @@ def create_app(retrievers: "dict[str, Retriever]", settings: "ServerSettings | N
     settings = settings or ServerSettings()
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retriever-inference")
     pending = _Gate(settings.max_pending)
+    limits = Limits(max_k=settings.max_k, max_text_chars=settings.max_text_chars, max_images=settings.max_images,
+                    max_modifiers=settings.max_modifiers, max_indexes=max(len(retrievers), 1),
+                    max_fetch_k=settings.max_fetch_k)
+    combined = Combined()
     default = next(iter(retrievers))
     health = IndexHealth({name: [ix.path for ix in r.indexes] for name, r in retrievers.items()},
                          (verifier or default_verifier()) if settings.verify_on_start else None)
@@ -131,7 +140,7 @@ def create_app(retrievers: "dict[str, Retriever]", settings: "ServerSettings | N
     async def page() -> str:
         return resources.files("retriever").joinpath("serve/web/index.html").read_text(encoding="utf-8")
 
-    @app.post("/v1/query", openapi_extra=_QUERY_OPENAPI)
+    @app.post("/v1/query", openapi_extra=QUERY_OPENAPI)
     async def query(request: Request) -> dict:
         """Caption ideas for an image (multipart upload, or JSON with base64), or for a text."""
         # Cheap refusals first, and the pending slot before a byte of the body is read: a
@@ -146,71 +155,19 @@ def create_app(retrievers: "dict[str, Retriever]", settings: "ServerSettings | N
             raw = parse_json(body) if content_type == "application/json" else await parse_form(request)
             del body
             request._body = b""  # the parsed fields are all that is kept while the query waits
-            params = check_fields(raw, settings.max_k, settings.max_text_chars)
+            params = check_fields(raw, limits)
             del raw
-            name, mode = _check_query(params, retrievers, default, health)
+            names, mode = check_query(params, retrievers, default, health)
+            target = combined.get(names, retrievers)
             loop = asyncio.get_running_loop()
-            hits = await loop.run_in_executor(worker, _answer, name, retrievers[name], params, mode)
+            hits = await loop.run_in_executor(worker, answer, names, target, params, mode)
         finally:
             pending.leave()
-        if params.dedupe:
-            hits = _dedupe(hits)
-        label = {"query_text": params.text} if params.text is not None else {"image": params.filename}
-        return {"index": name, "mode": mode, "k": params.k,
-                "hits": [{**label, "rank": rank, **hit.to_dict()} for rank, hit in enumerate(hits, start=1)]}
+        return {"index": names[0], "indexes": list(names), "mode": mode, "k": params.k,
+                "note": note(hits, params), "hits": [{**label(params), "rank": rank, **hit.to_dict()}
+                                                      for rank, hit in enumerate(hits, start=1)]}
 
     return app
-
-
-def _check_query(params: QueryParams, retrievers: "dict[str, Retriever]", default: str,
-                 health: IndexHealth) -> tuple[str, str]:
-    """The index name and mode of a query, or a refusal of what it asks for."""
-    name = params.index or default
-    if name not in retrievers:
-        raise HTTPProblem(404, f"unknown index {name!r}; loaded: {', '.join(retrievers)}")
-    retriever = retrievers[name]
-    text = params.text
-    mode = params.mode or ("retrieve" if retriever.index is not None or text is not None else "generate")
-    if (text is None) == (params.image_bytes is None):
-        raise HTTPProblem(400, "send exactly one of an image or a text")
-    if mode not in ("retrieve", "generate", "hybrid"):
-        raise HTTPProblem(400, f"unknown mode {mode!r}; choose from retrieve, generate, hybrid")
-    if mode != "generate" and retriever.index is None:
-        raise HTTPProblem(400, f"{name!r} has no index: only mode=generate")
-    if text is not None and mode != "retrieve":
-        raise HTTPProblem(400, "text queries only retrieve (mode must be retrieve)")
-    if mode != "retrieve" and retriever.generator is None:
-        raise HTTPProblem(400, f"{name!r} has no generator: start the server with --generator for mode={mode}")
-    damage = health.problem(name) if mode != "generate" else None
-    if damage:
-        raise HTTPProblem(503, f"index {name} is damaged: {damage}")
-    return name, mode
-
-
-def _answer(name: str, retriever: "Retriever", params: QueryParams, mode: str):
-    from retriever.models.images import image_from_bytes
-
-    try:
-        if params.text is not None:
-            return retriever.query_text(params.text, k=params.k)
-        image = image_from_bytes(params.image_bytes, params.filename or "upload")
-        return retriever.query(image, k=params.k, mode=mode)
-    except ImageError as e:
-        raise HTTPProblem(IMAGE_ERROR_STATUS.get(e.kind, 400), f"{e.reason}") from None
-    except IndexFormatError as e:  # a search that met damaged vectors: not the client's fault
-        raise HTTPProblem(503, f"index {name} is damaged: {e}") from None
-    except RetrieverError as e:
-        raise HTTPProblem(400, str(e)) from None
-
-
-def _dedupe(hits: list) -> list:
-    seen, kept = set(), []
-    for hit in hits:
-        key = " ".join(hit.text.lower().split())
-        if key not in seen:
-            seen.add(key)
-            kept.append(hit)
-    return kept
 
 
 def _describe(name: str, retriever: "Retriever") -> dict:
@@ -244,20 +201,3 @@ class _Gate:
     def leave(self) -> None:
         with self._lock:
             self.count -= 1
-
-
-_QUERY_OPENAPI = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "image": {"type": "string", "format": "binary"}, "k": {"type": "integer", "default": 10},
-                "mode": {"type": "string", "enum": ["retrieve", "generate", "hybrid"]},
-                "index": {"type": "string"}, "dedupe": {"type": "boolean"}}}},
-            "application/json": {"schema": {"type": "object", "properties": {
-                "image_base64": {"type": "string"}, "text": {"type": "string"}, "k": {"type": "integer", "default": 10},
-                "mode": {"type": "string", "enum": ["retrieve", "generate", "hybrid"]},
-                "index": {"type": "string"}, "dedupe": {"type": "boolean"}}}},
-        },
-    }
-}

@@ -59,6 +59,10 @@ def test_json_base64_text_and_modes(client, sample):
     assert r.status_code == 200 and r.json()["hits"][0] | {"text": sample[1], "source": "generated"} == r.json()["hits"][0]
     r = client.post("/v1/query", json={"text": "a small red star on the left", "k": 1, "dedupe": True})
     assert r.json()["hits"][0]["text"] == "a small red star on the left" and r.json()["hits"][0]["query_text"]
+    # an image and a text together (not one or the other): the text steers the image's query
+    r = client.post("/v1/query", json={"image_base64": b64, "text": "blue", "k": 3, "mode": "hybrid"})
+    assert r.status_code == 200, r.text
+    assert r.json()["hits"][0]["image"] == "upload" and r.json()["hits"][0]["query_text"] == "blue"
 
 
 def test_indexes_health_and_openapi(client):
@@ -112,11 +116,13 @@ HOSTILE = [
     ("text too long", {"json": {"text": "star " * 100}}, 400, "limit is 300"),
     ("empty text", {"json": {"text": "   "}}, 400, "non-empty"),
     ("text not a string", {"json": {"text": ["a"]}}, 400, "non-empty string"),
-    ("neither image nor text", {"json": {"k": 3}}, 400, "exactly one"),
-    ("both image and text", {"json": {"text": "a", "image_base64": base64.b64encode(_png()).decode()}}, 400, "exactly one"),
+    ("neither image nor text", {"json": {"k": 3}}, 400, "send an image (or images), a text, or like"),
+    ("text with hybrid", {"json": {"text": "a star", "mode": "hybrid"}}, 400, "only retrieve"),
+    ("steering with generate", {"json": {"image_base64": base64.b64encode(_png()).decode(), "mode": "generate",
+                                         "plus": ["blue"]}}, 400, "mode=generate writes captions without an index: plus"),
     ("unknown json field", {"json": {"text": "a star", "colour": "red"}}, 400, "unknown field"),
     ("bad dedupe", {"json": {"text": "a star", "dedupe": "maybe"}}, 400, "dedupe"),
-    ("multipart without image", {"files": {"other": ("x.txt", b"abc", "text/plain")}}, 400, "exactly one"),
+    ("multipart without image", {"files": {"other": ("x.txt", b"abc", "text/plain")}}, 400, "send an image"),
     ("broken multipart", {"content": b"--xyz\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=xyz"}}, 400, ""),
     ("retrieve on a generator-only index", {"json": {"text": "a star", "index": "captions-only"}}, 400, "no index"),
 ]
