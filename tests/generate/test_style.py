@@ -182,7 +182,7 @@ def test_http_server_answers_with_a_style_generator(toy_index):
     toyworld.render(scene, seed=9).save(buffer, format="PNG")
     shared = Retriever.open(None, device="cpu", generator="style:toyworld-style").generator
     retrievers = {"toy": Retriever.open(toy_index, device="cpu", generator=shared)}
-    with TestClient(create_app(retrievers)) as client:
+    with TestClient(create_app(retrievers), base_url="http://127.0.0.1") as client:
         response = client.post("/v1/query", files={"image": ("x.png", buffer.getvalue(), "image/png")},
                                data={"mode": "generate", "k": "1"})
         assert response.status_code == 200, response.text
