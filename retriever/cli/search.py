@@ -345,7 +345,7 @@ def models(as_json: JsonOpt = False) -> None:
 @friendly_errors
 def serve(
     index: Annotated[Optional[list[Path]], typer.Option("--index", "-i", help="Index directory; repeat for several (named by directory).")] = None,
-    generator: GeneratorOpt = None,
+    generator: Annotated[Optional[list[str]], typer.Option("--generator", help="What writes captions for generate/hybrid: a CoCa (toyworld-coca, NAME:TAG) or a style decoder (style:PATH); repeat to offer several (a query's `generator` field picks one; the first is the default).")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the server to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     max_upload: Annotated[str, typer.Option(help="Largest accepted request body, e.g. 10M.")] = "10M",
@@ -357,11 +357,11 @@ def serve(
 ) -> None:
     """Serve the HTTP API (POST /v1/query, GET /v1/indexes, /healthz, /openapi.json) and a web page at /.
 
-    Example: retriever serve --index indexes/coco --generator toyworld-coca --port 8000
+    Example: retriever serve --index indexes/toy --generator toyworld-coca --generator style:toyworld-style
     """
     from retriever.index.ann import parse_bytes
-    from retriever.search.api import Retriever
     from retriever.serve.app import ServerSettings, create_app
+    from retriever.serve.generators import open_served
     from retriever.serve.run import listen
     from retriever.serve.run import serve as run_server
     from retriever.serve.security import allowed_hosts, exposure_warning, read_api_key
@@ -377,19 +377,16 @@ def serve(
     if warning:
         stderr(f"warning: {warning}")
     sock = listen(host, port)  # before the models load: a taken port fails in a second, not a minute
-    shared_generator = Retriever.open(None, device=device, generator=generator).generator if generator else None
-    retrievers = {}
-    for path in index or []:
-        if path.name in retrievers:
-            raise RetrieverError(f"two indexes are named {path.name!r}; rename one directory")
-        retrievers[path.name] = Retriever.open(path, device=device, generator=shared_generator)
-    if not retrievers:
-        retrievers["generator"] = Retriever.open(None, generator=shared_generator)
+    served = open_served(index or [], generator or [], device=device)
     settings = ServerSettings(max_upload_bytes=parse_bytes(max_upload), max_pending=max_pending,
                               allowed_hosts=allowed_hosts(host, allowed_host or ()), api_key=api_key,
                               read_timeout_s=read_timeout)
-    stderr(f"serving {', '.join(retrievers)} on http://{host}:{port}/" + (" (API key required)" if api_key else ""))
-    run_server(create_app(retrievers, settings), sock, settings)
+    for name, per_index in served.generators.items() if index else ():
+        left_out = [g.strip() for g in generator or [] if g.strip() not in per_index]
+        if left_out:
+            stderr(f"note: {', '.join(left_out)} not offered for {name} (trained with another CLIP model)")
+    stderr(f"serving {', '.join(served.retrievers)} on http://{host}:{port}/" + (" (API key required)" if api_key else ""))
+    run_server(create_app(served.retrievers, settings, generators=served.generators), sock, settings)
 
 
 @app.command("toy-images")

@@ -32,6 +32,7 @@ from retriever.serve.body import (
     parse_json,
     read_body,
 )
+from retriever.serve.generators import generators_of
 from retriever.serve.health import IndexHealth, default_verifier
 from retriever.serve.query import QUERY_OPENAPI, Combined, answer, check_query, label, note
 from retriever.serve.security import LOOPBACK_NAMES, SecurityMiddleware
@@ -65,8 +66,12 @@ class ServerSettings:
 
 
 def create_app(retrievers: "dict[str, Retriever]", settings: "ServerSettings | None" = None,
-               verifier: "Callable[[Path], None] | None" = None):
+               verifier: "Callable[[Path], None] | None" = None, generators: "dict[str, dict] | None" = None):
     """A FastAPI app serving `retrievers` by name (the first is the default index).
+
+    `generators` maps each index name to the generators a query may choose for it (field
+    `generator`), by name, the first being the default (`retriever.serve.generators.open_served`
+    builds both); without it, each Retriever's own generator is the only one.
 
     On start-up each index's files are checked against their hashes in a background thread
     (`verifier`, by default `retriever.index.verify.verify_index`); a damaged index is refused.
@@ -87,7 +92,8 @@ def create_app(retrievers: "dict[str, Retriever]", settings: "ServerSettings | N
     limits = Limits(max_k=settings.max_k, max_text_chars=settings.max_text_chars, max_images=settings.max_images,
                     max_modifiers=settings.max_modifiers, max_indexes=max(len(retrievers), 1),
                     max_fetch_k=settings.max_fetch_k)
-    combined = Combined()
+    generators = generators if generators is not None else generators_of(retrievers)
+    combined = Combined(generators)
     default = next(iter(retrievers))
     health = IndexHealth({name: [ix.path for ix in r.indexes] for name, r in retrievers.items()},
                          (verifier or default_verifier()) if settings.verify_on_start else None)
@@ -134,7 +140,10 @@ def create_app(retrievers: "dict[str, Retriever]", settings: "ServerSettings | N
 
     @app.get("/v1/indexes")
     async def indexes() -> dict:
-        return {"default": default, "indexes": [_describe(name, r) for name, r in retrievers.items()]}
+        names = list(dict.fromkeys(g for per_index in generators.values() for g in per_index))
+        return {"default": default, "indexes": [_describe(name, r, generators.get(name, {})) for name, r in retrievers.items()],
+                "generators": [{"name": g, "source": _source(g, generators),
+                                "indexes": [i for i, per_index in generators.items() if g in per_index]} for g in names]}
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -157,31 +166,39 @@ def create_app(retrievers: "dict[str, Retriever]", settings: "ServerSettings | N
             request._body = b""  # the parsed fields are all that is kept while the query waits
             params = check_fields(raw, limits)
             del raw
-            names, mode = check_query(params, retrievers, default, health)
-            target = combined.get(names, retrievers)
+            names, mode, generator = check_query(params, retrievers, default, health, generators)
+            target = combined.get(names, retrievers, generator)
             loop = asyncio.get_running_loop()
             hits = await loop.run_in_executor(worker, answer, names, target, params, mode)
         finally:
             pending.leave()
-        return {"index": names[0], "indexes": list(names), "mode": mode, "k": params.k,
+        return {"index": names[0], "indexes": list(names), "mode": mode, "generator": generator, "k": params.k,
                 "note": note(hits, params), "hits": [{**label(params), "rank": rank, **hit.to_dict()}
                                                       for rank, hit in enumerate(hits, start=1)]}
 
     return app
 
 
-def _describe(name: str, retriever: "Retriever") -> dict:
+def _describe(name: str, retriever: "Retriever", generators: dict) -> dict:
     manifest = retriever.index.manifest if retriever.index is not None else None
+    default_generator = next(iter(generators), None)
     return {
         "name": name,
         "model": manifest["model"]["name"] if manifest else None,
         "pretrained": manifest["model"]["pretrained"] if manifest else None,
         "count": manifest["count"] if manifest else 0,
         "index_type": manifest.get("index_type") if manifest else None,
-        "generator": str(retriever.generator.spec) if retriever.generator is not None else None,
-        "modes": [m for m, ok in (("retrieve", manifest), ("generate", retriever.generator),
-                                  ("hybrid", manifest and retriever.generator)) if ok],
+        "generator": default_generator,  # the default; `generators` are those a query may choose
+        "generators": list(generators),
+        "modes": [m for m, ok in (("retrieve", manifest), ("generate", generators),
+                                  ("hybrid", manifest and generators)) if ok],
     }
+
+
+def _source(name: str, generators: dict) -> str:
+    """How a generator's hits are marked: `styled` (a style decoder) or `generated` (a CoCa)."""
+    loaded = next(per_index[name] for per_index in generators.values() if name in per_index)
+    return getattr(loaded, "source", "generated")
 
 
 class _Gate:

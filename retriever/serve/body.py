@@ -16,7 +16,7 @@ from typing import Any
 
 # Result options (diversity ... indexes) mean what `retriever query`'s options mean; see README.
 JSON_FIELDS = {"image", "image_base64", "images", "weights", "text", "k", "mode", "index", "indexes", "dedupe",
-               "diversity", "fetch_k", "where", "plus", "minus", "like", "like_index"}
+               "diversity", "fetch_k", "where", "plus", "minus", "like", "like_index", "generator"}
 # Multipart fields that may repeat (several files, several modifiers).
 FORM_LISTS = ("plus", "minus", "weights", "indexes")
 CONTENT_TYPES = ("application/json", "multipart/form-data")
@@ -53,6 +53,7 @@ class QueryParams:
     minus: list[tuple[str, float]] = field(default_factory=list)
     like: int | None = None
     like_index: str | None = None
+    generator: str | None = None  # a generator's name as GET /v1/indexes lists it
 
     @property
     def steered(self) -> bool:
@@ -205,7 +206,7 @@ def check_fields(data: dict[str, Any], limits: Limits) -> QueryParams:
         where=where,
         plus=_modifiers_field(data.get("plus"), "plus", limits), minus=_modifiers_field(data.get("minus"), "minus", limits),
         like=None if like is None else _int_field(like, "like", 0, 2**62),
-        like_index=_optional_str(data, "like_index") or None)
+        like_index=_optional_str(data, "like_index") or None, generator=_optional_str(data, "generator") or None)
 
 
 def http_message(message: str) -> str:

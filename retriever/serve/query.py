@@ -23,8 +23,8 @@ IMAGE_ERROR_STATUS = {"too_large": 413}
 
 
 def check_query(params: QueryParams, retrievers: dict[str, Retriever], default: str,
-                health: IndexHealth) -> tuple[tuple[str, ...], str]:
-    """The index names and mode of a query, or a refusal of what it asks for."""
+                health: IndexHealth, generators: dict[str, dict] | None = None) -> tuple[tuple[str, ...], str, str | None]:
+    """The index names, mode and generator name (None when retrieving) of a query, or a refusal of what it asks for."""
     if params.index is not None and params.indexes is not None:
         raise HTTPProblem(400, "send index (one name) or indexes (several), not both")
     names = tuple(params.indexes or [params.index or params.like_index or default])
@@ -49,12 +49,14 @@ def check_query(params: QueryParams, retrievers: dict[str, Retriever], default: 
     for name in names:
         if mode != "generate" and retrievers[name].index is None:
             raise HTTPProblem(400, f"{name!r} has no index: only mode=generate")
+    available = (generators or {}).get(names[0], {} if first.generator is None else {"": first.generator})
+    generator = _check_generator(params.generator, names[0], mode, available, generators or {})
     if mode != "retrieve":
         if not images:
             raise HTTPProblem(400, "text and like queries only retrieve (mode must be retrieve)")
         if blend:
             raise HTTPProblem(400, "blended images only retrieve (mode must be retrieve)")
-        if first.generator is None:
+        if not available:
             raise HTTPProblem(400, f"{names[0]!r} has no generator: start the server with --generator for mode={mode}")
     if mode == "generate":
         used = [f for f, on in (("text", text is not None), ("plus", params.plus), ("minus", params.minus),
@@ -68,7 +70,22 @@ def check_query(params: QueryParams, retrievers: dict[str, Retriever], default: 
             damage = health.problem(name)
             if damage:
                 raise HTTPProblem(503, f"index {name} is damaged: {damage}")
-    return names, mode
+    return names, mode, generator
+
+
+def _check_generator(asked: str | None, index: str, mode: str, available: dict, generators: dict) -> str | None:
+    """The name of the generator that writes a query's captions: the one asked for, or the index's default."""
+    if asked is None:
+        return None if mode == "retrieve" else (next(iter(available), None) or None)  # "": an unnamed generator
+    loaded = list(dict.fromkeys(g for per_index in generators.values() for g in per_index))
+    if asked not in loaded:
+        raise HTTPProblem(400, f"unknown generator {asked[:200]!r}; loaded: {', '.join(loaded) or '(none)'}")
+    if asked not in available:
+        raise HTTPProblem(400, f"generator {asked!r} does not serve index {index!r} (it was trained with another "
+                               f"CLIP model); for {index!r} choose from: {', '.join(available) or '(none)'}")
+    if mode == "retrieve":
+        raise HTTPProblem(400, "generator chooses who writes captions: send mode generate or hybrid with it")
+    return asked
 
 
 def answer(names: tuple[str, ...], target: tuple[Retriever, list[str]], params: QueryParams, mode: str):
@@ -154,36 +171,41 @@ class Combined:
     """The Retriever answering a query over one or several loaded indexes, with each index's name.
 
     Several indexes are searched together by one Retriever holding them all (the first one's
-    model and generator); it is built on first use and kept. Indexes built with different
-    models cannot be combined: that is the client's 400.
+    model and generator, or the generator the query chose); it is built on first use and kept.
+    Indexes built with different models cannot be combined: that is the client's 400.
     """
 
-    def __init__(self):
-        self._cache: dict[tuple[str, ...], tuple[Retriever, list[str]]] = {}
+    def __init__(self, generators: dict[str, dict] | None = None):
+        self._cache: dict[tuple[tuple[str, ...], str | None], tuple[Retriever, list[str]]] = {}
         self._lock = threading.Lock()
+        self._generators = generators or {}
 
-    def get(self, names: tuple[str, ...], retrievers: dict[str, Retriever]) -> tuple[Retriever, list[str]]:
+    def get(self, names: tuple[str, ...], retrievers: dict[str, Retriever],
+            generator: str | None = None) -> tuple[Retriever, list[str]]:
         with self._lock:
-            if names not in self._cache:
-                self._cache[names] = self._build(names, retrievers)
-            return self._cache[names]
+            if (names, generator) not in self._cache:
+                self._cache[names, generator] = self._build(names, retrievers, generator)
+            return self._cache[names, generator]
 
-    @staticmethod
-    def _build(names, retrievers):
+    def _build(self, names, retrievers, generator):
         from retriever.search.api import Retriever
 
         parts = [retrievers[n] for n in names]
         labels = [name if len(r.indexes) == 1 else f"{name}/{Path(ix.path).name}"
                   for name, r in zip(names, parts) for ix in r.indexes]
+        chosen = self._generators.get(names[0], {}).get(generator) if generator else None
         if len(parts) == 1:
-            return parts[0], labels
+            if chosen is None or chosen is parts[0].generator:
+                return parts[0], labels
+            first = parts[0]
+            return Retriever(first.index, first.model, chosen, first.indexes[1:]), labels
         indexes = [ix for r in parts for ix in r.indexes]
         dirs = [Path(ix.path).name for ix in indexes]
         if len(set(dirs)) < len(dirs):
             raise HTTPProblem(400, f"{', '.join(names)} hold indexes in directories of one name; "
                                    "they cannot be told apart in one search")
         try:
-            return Retriever(indexes[0], parts[0].model, parts[0].generator, indexes[1:]), labels
+            return Retriever(indexes[0], parts[0].model, chosen or parts[0].generator, indexes[1:]), labels
         except IndexFormatError as e:
             raise HTTPProblem(400, f"{', '.join(names)} cannot be searched together: {e}") from None
 
@@ -193,6 +215,10 @@ _FIELDS_DOC = {
     "mode": {"type": "string", "enum": ["retrieve", "generate", "hybrid"],
              "description": "default: retrieve where the index exists; text, like and blends only retrieve"},
     "index": {"type": "string", "description": "a loaded index's name (GET /v1/indexes); default: the first"},
+    "generator": {"type": "string", "description": "generate/hybrid: who writes the captions, a name from "
+                                                   "GET /v1/indexes (e.g. toyworld-coca, style:toyworld-style); "
+                                                   "default: the server's first --generator. A style decoder's "
+                                                   "hits have source `styled`"},
     "dedupe": {"description": "collapse near-duplicate hits: true (cosine 0.95, as `retriever query`; the default "
                              "where exact vectors exist), false, or a cosine in (0, 1]; also collapses texts "
                              "equal up to case and spaces", "oneOf": [{"type": "boolean"}, {"type": "number"}]},

@@ -21,11 +21,11 @@ _VALUE = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | 
                       max_leaves=6)
 _FIELDS = st.sampled_from(["text", "k", "mode", "index", "dedupe", "image", "image_base64", "images", "weights",
                            "diversity", "fetch_k", "where", "plus", "minus", "like", "like_index",
-                           "indexes"]) | _TEXTISH
+                           "indexes", "generator"]) | _TEXTISH
 _OBJECTS = st.dictionaries(_FIELDS, _VALUE, max_size=5)
 # A valid text query with random query options: gets past the first refusal, so each option's own checks run.
 _OPTION_NAMES = ["diversity", "fetch_k", "dedupe", "where", "plus", "minus", "like", "like_index", "indexes",
-                 "weights", "mode", "k"]
+                 "weights", "mode", "k", "generator"]
 _NUMBERISH = st.one_of(st.floats(), st.integers(-5, 300), st.sampled_from(["0.5", "nan", "1", "-1", "inf"]))
 _OPTIONS = st.fixed_dictionaries({"text": st.sampled_from(["a small red star on the left", "blue"])},
                                  optional={name: st.one_of(_VALUE, _NUMBERISH, st.lists(_TEXTISH | _NUMBERISH, max_size=3))

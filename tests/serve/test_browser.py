@@ -44,7 +44,7 @@ def server(toy_index, small_index):
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "retriever", "serve", "--index", str(toy_index), "--index", str(small_index),
-                             "--generator", "toyworld-coca", "--port", str(port)],
+                             "--generator", "toyworld-coca", "--generator", "style:toyworld-style", "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -100,6 +100,28 @@ def test_upload_shows_the_right_caption_first(server, page, tmp_path):
     page.set_input_files("#file", str(image))  # the image again, now in hybrid mode
     page.wait_for_function("() => document.querySelector('#status').textContent.includes('hybrid')")
     assert page.inner_text("li.hit .text >> nth=0") == scene.caption
+
+
+def test_the_style_generator_writes_styled_captions(server, page, tmp_path):
+    """Two generators (repeated --generator): the page offers a choice, and the style decoder's hits are badged."""
+    scene = toyworld.Scene("large", "blue", "square", "right")
+    image = tmp_path / "blue.png"
+    toyworld.render(scene, seed=5).resize((256, 256), resample=0).save(image)
+    page.goto(server)
+    page.wait_for_selector("#index option", state="attached")
+    assert page.is_visible("#generator-box") and page.is_disabled("#generator")  # retrieve mode writes nothing
+    assert page.locator("#generator option").all_inner_texts() == ["toyworld-coca", "style:toyworld-style"]
+    page.select_option("#mode", "generate")
+    page.select_option("#generator", "style:toyworld-style")
+    _do(page, lambda: page.set_input_files("#file", str(image)))
+    assert not page.is_visible("#error"), page.inner_text("#error")
+    assert _texts(page)[0] == scene.caption
+    assert page.inner_text("li.hit .badge.styled >> nth=0") == "styled"
+    _do(page, lambda: page.select_option("#generator", "toyworld-coca"))  # a new choice re-runs the query
+    assert page.inner_text("li.hit .badge >> nth=0") == "generated" and page.locator(".badge.styled").count() == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-page-generators.png"), full_page=True)
+    page.select_option("#mode", "retrieve")
 
 
 def test_errors_are_shown_on_the_page(server, page, tmp_path):
