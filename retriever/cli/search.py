@@ -71,10 +71,9 @@ def build_index_cmd(
     check_corpus_file(corpus)  # a typo costs milliseconds, not a model load
     from retriever.index.ann import parse_bytes
     from retriever.index.build import build_index
-    from retriever.models.loading import load_model
-
     from retriever.index.lock import check_unlocked
     from retriever.index.publish import check_out
+    from retriever.models.loading import load_model
 
     out = out or DEFAULT_INDEX_ROOT / corpus.stem
     out = check_out(out, overwrite)  # refuse a folder that is not an index before loading a model
@@ -213,7 +212,7 @@ def _answer_single(retriever, images: list[str], text: str | None, like: int | N
         label_key, label = "blend", " + ".join(f"{p}:{w:g}" for p, w in pairs)
         hits = retriever.query_blend([p for p, _ in pairs], [w for _, w in pairs], k=k, text=text, **options)
     else:
-        label_key, label, hits = "query_text", text, retriever.query_text(text, k=k, **options)
+        label_key, label, hits = "query_text", text or "", retriever.query_text(text, k=k, **options)
     _note_short(hits, k, where)
     if as_json:
         for rank, hit in enumerate(hits, start=1):
@@ -251,9 +250,9 @@ def caption(
 
     Example: retriever caption cat.jpg --beams 6 --generator coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k
     """
-    from retriever.search.api import Retriever
     from retriever.generate.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
     from retriever.generate.decoding import DecodeOptions
+    from retriever.search.api import Retriever
 
     generator = generator or f"{DEFAULT_GENERATOR}:{DEFAULT_GENERATOR_PRETRAINED}"
     retriever = Retriever.open(None, device=device, precision=precision, generator=generator)
@@ -374,7 +373,7 @@ def serve(
         retrievers[path.name] = Retriever.open(path, device=device, generator=shared_generator)
     if not retrievers:
         retrievers["generator"] = Retriever.open(None, generator=shared_generator)
-    settings = ServerSettings(max_upload_bytes=parse_bytes(max_upload), max_pending=max_pending)
+    settings = ServerSettings(max_upload_bytes=parse_bytes(max_upload) or 0, max_pending=max_pending)
     stderr(f"serving {', '.join(retrievers)} on http://{host}:{port}/")
     uvicorn.run(create_app(retrievers, settings), host=host, port=port, log_level="warning")
 

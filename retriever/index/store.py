@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from retriever.errors import IndexFormatError
 from retriever.index.faiss_import import import_faiss
@@ -159,7 +160,8 @@ def _short(fingerprint: str) -> str:
 
 def check_built_with(manifest: dict, model: LoadedModel, path: str | Path, advice: str) -> None:
     """Raise IndexFormatError (ending with `advice`) unless the index at `path` was built with `model`."""
-    built_with = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    entry = manifest.get("model")
+    built_with = entry if isinstance(entry, dict) else {}
     recorded = str(built_with.get("fingerprint") or "")
     if recorded != model.fingerprint:
         name, pretrained = built_with.get("name"), built_with.get("pretrained")

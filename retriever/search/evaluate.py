@@ -175,7 +175,7 @@ def _result_metrics(retriever: Retriever, pil: list, xq: np.ndarray, images: lis
         results = retriever.query_many(pil, k=k, batch_size=batch_size, **options)
     except TypeError as e:  # an option query_many does not take
         raise RetrieverError(f"unknown query option in {sorted(options)}: {e}") from None
-    encoder = retriever.encoder
+    encoder = retriever._require_encoder()
     ils, relevance, top1 = [], [], []
     distinct: dict[str, list[int]] = {}
     for image, hits in zip(images, results):

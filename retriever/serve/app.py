@@ -147,7 +147,7 @@ def _answer(retriever: "Retriever", image_bytes: bytes | None, filename: str | N
     try:
         if text is not None:
             return retriever.query_text(text, k=k)
-        image = image_from_bytes(image_bytes, filename or "upload")
+        image = image_from_bytes(image_bytes or b"", filename or "upload")
         return retriever.query(image, k=k, mode=mode)
     except ImageError as e:
         raise HTTPProblem(IMAGE_ERROR_STATUS.get(e.kind, 400), f"{e.reason}") from None

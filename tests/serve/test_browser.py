@@ -40,7 +40,7 @@ def server(toy_index):
             break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read())
+                raise RuntimeError(proc.stderr.read()) from None
             time.sleep(0.3)
     yield url
     proc.terminate()
