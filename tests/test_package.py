@@ -32,7 +32,7 @@ def test_missing_faiss_names_the_extra_to_install(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, str(corpus), str(tmp_path / "idx")],
                             capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 1
-    assert result.stderr.startswith("error: FAISS is not installed") and "retriever[cpu]" in result.stderr
+    assert result.stderr.startswith("error: FAISS is not installed") and "caption-retriever[cpu]" in result.stderr
     assert "Traceback" not in result.stderr
 
 

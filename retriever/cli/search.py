@@ -362,7 +362,7 @@ def serve(
     try:
         import uvicorn
     except ImportError:
-        raise RetrieverError("the server needs its extra: pip install 'retriever[serve]'") from None
+        raise RetrieverError("the server needs its extra: pip install 'caption-retriever[serve]'") from None
     if not index and not generator:
         raise typer.BadParameter("give at least one --index, or a --generator", param_hint="--index")
     shared_generator = Retriever.open(None, device=device, generator=generator).generator if generator else None
