@@ -148,7 +148,9 @@ def read_manifest(path: str | Path) -> dict:
         raise damaged(path, f"{MANIFEST} is not valid JSON ({e})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if isinstance(manifest, dict) and "format_version" in manifest and version != FORMAT_VERSION:
-        raise IndexFormatError(f"{path}: index format {version}, this retriever reads format {FORMAT_VERSION}; rebuild it")
+        advice = ("it was written by a newer release: pip install -U caption-retriever"
+                  if isinstance(version, int) and version > FORMAT_VERSION else "rebuild it with `retriever build-index`")
+        raise IndexFormatError(f"{path}: index format {version}, this retriever reads format {FORMAT_VERSION}; {advice}")
     return check_manifest(manifest, path)
 
 
