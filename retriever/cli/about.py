@@ -39,7 +39,7 @@ def data_retriever_version() -> str | None:
     text = " ".join(str(v) for key in ("Author", "Author-email", "Home-page", "Summary")
                     for v in (meta.get_all(key) or []))
     text += " ".join(meta.get_all("Project-URL") or [])
-    # This project was also called `retriever` before 0.2 (a development install): not a clash.
+    # This project was itself called `retriever` before the rename (a development install): not a clash.
     return dist.version if "weecology" in text.lower() or "data retriever" in text.lower() else None
 
 

@@ -178,8 +178,9 @@ class Retriever:
             always_generate: hybrid generates whatever the retrieved scores.
             n_generate: captions to generate per image (the n best beams, or n samples).
             text: a text combined with each image (image + text, normalised): "in winter".
-            plus, minus: texts (or (text, weight) pairs, or "text:weight") that push each query
-                towards or away from them: normalise(image + sum(w plus) - sum(w minus)).
+            plus: texts (or (text, weight) pairs, or "text:weight") that push each query towards
+                them: normalise(image + sum(w plus) - sum(w minus)).
+            minus: the same, pushing each query away from them.
             diversity: 0 (plain nearest) to 1 (most diverse): MMR over `fetch_k` candidates.
             fetch_k: candidates for re-ranking (default max(10 k, 100) when re-ranking).
             dedupe: collapse hits whose texts' cosine is at least this, keeping the best.

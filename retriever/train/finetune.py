@@ -162,7 +162,8 @@ def finetune(
     Args:
         train: pairs file (`filepath` and `title` columns by default; see `retriever.pairs`).
         out: output folder.
-        model, pretrained: as for `load_model` (a CLIP or a CoCa).
+        model: as for `load_model` (a CLIP or a CoCa).
+        pretrained: as for `load_model`.
         val: held-out pairs: validation loss, caption R@1 and, for CoCa, exact match are
             reported after each epoch.
         options: hyperparameters.
@@ -170,7 +171,8 @@ def finetune(
         overwrite: replace a previous run in `out` (only the files a run writes are deleted).
         from_scratch: start from random weights (the architecture of `model` only).
         device: `cuda`, `mps`, `cpu`, or None for the best available.
-        image_column, caption_column: column names in the pairs files.
+        image_column: the image column's name in the pairs files.
+        caption_column: the caption column's name in the pairs files.
         show_progress_bar: None shows one on stderr when it is a terminal.
         on_event: called with ("step" | "epoch" | "unreadable_image" | "checkpoint" | "bad_row", details).
 
