@@ -39,6 +39,7 @@ assert all(t == "retriever" or t.endswith(".dist-info") for t in tops), f"unexpe
 files = {i.filename for i in names}
 for needed in ("retriever/py.typed", "retriever/serve/web/index.html", "retriever/models/weights/toyworld/open_clip_config.json"):
     assert needed in files, f"{needed} is not in the wheel"
+assert any(f.endswith(".dist-info/licenses/LICENSE") for f in files), "LICENSE is not in the wheel"
 for model in ("toyworld", "toyworld-coca", "toyworld-style"):
     assert any(f.startswith(f"retriever/models/weights/{model}/") and f.endswith(".safetensors") for f in files), model
 size = os.path.getsize(wheel) / 2**20
