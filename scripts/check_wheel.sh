@@ -24,6 +24,7 @@ START=$SECONDS
 step() { echo "check_wheel [$((SECONDS - START)) s]: $*" >&2; }
 fail() { echo "check_wheel: FAILED: $*" >&2; exit 1; }
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+[ -x "$PY" ] || fail "no $PY: run bash scripts/setup.sh first"
 
 step "building sdist and wheel (the wheel from the sdist)"
 "$PY" -m build --no-isolation --outdir "$WORK/dist" . >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log" >&2; fail "python -m build"; }
