@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import machine, random_model
 
 from retriever.models import toyworld
@@ -73,11 +72,11 @@ def main() -> None:
     it = Interrogator(model, loaded, **kwargs)
     images = [toyworld.render(s, seed=i) for i, s in enumerate(toyworld.all_scenes()[:: 256 // args.images])][: args.images]
     after, t_after = run(it, images, shared=True)
-    print(f"after (prefix shared): median {np.median(t_after):.2f} s/image  {['%.2f' % t for t in t_after]}")
+    print(f"after (prefix shared): median {np.median(t_after):.2f} s/image  {[f'{t:.2f}' for t in t_after]}")
     print(f"  texts shared {it.builder.scorer.shared:,}, in full {it.builder.scorer.full:,}")
     if not args.skip_before:
         before, t_before = run(it, images, shared=False)
-        print(f"before (full encoding): median {np.median(t_before):.2f} s/image  {['%.2f' % t for t in t_before]}")
+        print(f"before (full encoding): median {np.median(t_before):.2f} s/image  {[f'{t:.2f}' for t in t_before]}")
         print(f"speed-up {np.median(t_before) / np.median(t_after):.1f}x; identical prompts: {before == after}")
     print("example prompt:", after[0])
 

@@ -13,7 +13,6 @@ import argparse
 
 import numpy as np
 import torch
-
 from common import flavors, machine, matmul_gflops, random_model, timed
 
 from retriever.models.encoder import Encoder

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine, random_model, synthetic_captions
 from PIL import Image
 
-from common import machine, random_model, synthetic_captions
-
+from retriever.index.store import read_index, write_index
 from retriever.models import toyworld
 from retriever.search.api import Retriever
-from retriever.index.store import read_index, write_index
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:

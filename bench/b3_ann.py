@@ -15,10 +15,17 @@ import time
 
 import faiss
 import numpy as np
-
 from common import machine, synthetic_captions
 
-from retriever.index.ann import exact_neighbors, new_index, perturbed_queries, plan_index, recall_at_k, train_sample_size, tune
+from retriever.index.ann import (
+    exact_neighbors,
+    new_index,
+    perturbed_queries,
+    plan_index,
+    recall_at_k,
+    train_sample_size,
+    tune,
+)
 from retriever.models.encoder import Encoder
 from retriever.models.loading import load_model
 

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import machine
 
 WORDS = ("small large red green blue yellow purple orange white black circle square triangle star "

@@ -13,12 +13,11 @@ import argparse
 import time
 
 import torch
-
 from common import machine
 
-from retriever.models import toyworld
 from retriever.generate.captioner import Captioner
 from retriever.generate.decoding import DecodeOptions
+from retriever.models import toyworld
 from retriever.models.loading import ModelSpec, load_model, wrap_model
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.models import toyworld
-from retriever.search.api import Retriever
 from retriever.index.build import build_index
+from retriever.models import toyworld
 from retriever.models.loading import load_model
+from retriever.search.api import Retriever
 
 
 def main() -> None:

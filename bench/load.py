@@ -23,7 +23,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
 from common import machine
 
 from retriever.models import toyworld

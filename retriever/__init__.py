@@ -33,17 +33,17 @@ _LAZY = {
 __all__ = ["CorpusError", "ImageError", "IndexFormatError", "ModelError", "RetrieverError", *_LAZY]
 
 if TYPE_CHECKING:  # noqa: F401 (names for type checkers; loaded lazily below)
-    from retriever.search.api import Hit, Retriever
-    from retriever.index.build import build_index
-    from retriever.generate.captioner import Captioner
     from retriever.corpus.coco import convert_coco
     from retriever.corpus.reader import read_corpus
+    from retriever.generate.captioner import Captioner
     from retriever.generate.decoding import DecodeOptions
+    from retriever.index.build import build_index
     from retriever.models.encoder import Encoder
-    from retriever.train.finetune import TrainOptions
     from retriever.models.images import load_image
-    from retriever.prompts.interrogate import Interrogator
     from retriever.models.loading import list_models, load_model
+    from retriever.prompts.interrogate import Interrogator
+    from retriever.search.api import Hit, Retriever
+    from retriever.train.finetune import TrainOptions
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,24 @@ echo "setting up .venv (log: $LOG)" >&2
 pip install --upgrade pip
 # These exact builds install from local disk on the project's machines; elsewhere pip downloads them.
 .venv/bin/python -c "import torch, torchvision" 2>/dev/null || pip install torch==2.14.1 torchvision==0.29.1
-pip install -e ".[test]"
+# This project was itself distributed as `retriever` before it became caption-retriever: an old
+# development install of that name would shadow the new one, so it goes. weecology's Data
+# Retriever (PyPI's `retriever`) installs the same package and command: it cannot share .venv.
+OLD=$(.venv/bin/python -c "
+from importlib.metadata import PackageNotFoundError, distribution
+try:
+    meta = str(distribution('retriever').metadata).lower()
+except PackageNotFoundError:
+    meta = None
+print('' if meta is None else 'weecology' if 'weecology' in meta or 'data retriever' in meta else 'ours')")
+if [ "$OLD" = ours ]; then
+  pip uninstall -y retriever
+elif [ "$OLD" = weecology ]; then
+  echo "setup failed: weecology's Data Retriever is installed in .venv and cannot share an environment with caption-retriever (pip uninstall retriever, or remove .venv)" >&2
+  exit 1
+fi
+# The library with its test, docs and lint/type-check tools (the dev extra).
+pip install -e ".[dev]"
 # clip-interrogator only for its word lists (the tests' distractor texts); none of its model code is used.
 pip install --no-deps clip-interrogator==0.6.0
 # clip-benchmark only for its zero-shot retrieval evaluator, which `retriever eval`'s recall is

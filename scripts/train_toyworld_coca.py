@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from train_toyworld import PREPROCESS_CFG, adamw, cosine_lr, render_pool, training_args, write_config
 
 from retriever.models import toyworld

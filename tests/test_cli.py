@@ -3,7 +3,6 @@ import json
 from PIL import Image
 
 
-
 def test_build_index_then_query_table(run, tmp_path, toy_corpus, toy_images):
     out = tmp_path / "idx"
     result = run("build-index", toy_corpus, "--model", "toyworld", "--out", out)

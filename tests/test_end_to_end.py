@@ -5,8 +5,8 @@ import json
 
 from typer.testing import CliRunner
 
-from retriever.models import toyworld
 from retriever.cli import app
+from retriever.models import toyworld
 
 
 def write_coco(root, split, n, seed):

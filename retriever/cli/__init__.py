@@ -11,6 +11,7 @@ from retriever.cli import (
     training,  # noqa: E402,F401,I001
     evaluate,  # noqa: E402,F401,I001
     style,  # noqa: E402,F401,I001
+    about,  # noqa: E402,F401,I001 (--version)
 )
 from retriever.cli.common import app, stderr
 

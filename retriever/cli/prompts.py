@@ -147,8 +147,8 @@ def interrogate_tables(
 
     Example: retriever interrogate-tables --model toyworld --builtin mediums,movements
     """
-    from retriever.prompts.label_tables import ensure_builtin_tables
     from retriever.models.loading import load_model
+    from retriever.prompts.label_tables import ensure_builtin_tables
 
     names = _builtin_tables(builtin)
     loaded = load_model(model, pretrained, device=device, precision=precision)

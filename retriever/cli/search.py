@@ -71,10 +71,9 @@ def build_index_cmd(
     check_corpus_file(corpus)  # a typo costs milliseconds, not a model load
     from retriever.index.ann import parse_bytes
     from retriever.index.build import build_index
-    from retriever.models.loading import load_model
-
     from retriever.index.lock import check_unlocked
     from retriever.index.publish import check_out
+    from retriever.models.loading import load_model
 
     out = out or DEFAULT_INDEX_ROOT / corpus.stem
     out = check_out(out, overwrite)  # refuse a folder that is not an index before loading a model
@@ -213,7 +212,7 @@ def _answer_single(retriever, images: list[str], text: str | None, like: int | N
         label_key, label = "blend", " + ".join(f"{p}:{w:g}" for p, w in pairs)
         hits = retriever.query_blend([p for p, _ in pairs], [w for _, w in pairs], k=k, text=text, **options)
     else:
-        label_key, label, hits = "query_text", text, retriever.query_text(text, k=k, **options)
+        label_key, label, hits = "query_text", text or "", retriever.query_text(text, k=k, **options)
     _note_short(hits, k, where)
     if as_json:
         for rank, hit in enumerate(hits, start=1):
@@ -251,9 +250,9 @@ def caption(
 
     Example: retriever caption cat.jpg --beams 6 --generator coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k
     """
-    from retriever.search.api import Retriever
     from retriever.generate.captioner import DEFAULT_GENERATOR, DEFAULT_GENERATOR_PRETRAINED
     from retriever.generate.decoding import DecodeOptions
+    from retriever.search.api import Retriever
 
     generator = generator or f"{DEFAULT_GENERATOR}:{DEFAULT_GENERATOR_PRETRAINED}"
     retriever = Retriever.open(None, device=device, precision=precision, generator=generator)
@@ -369,7 +368,7 @@ def serve(
     try:
         import uvicorn  # noqa: F401
     except ImportError:
-        raise RetrieverError("the server needs its extra: pip install 'retriever[serve]'") from None
+        raise RetrieverError("the server needs its extra: pip install 'caption-retriever[serve]'") from None
     if not index and not generator:
         raise typer.BadParameter("give at least one --index, or a --generator", param_hint="--index")
     api_key = read_api_key(api_key_file)
@@ -378,7 +377,7 @@ def serve(
         stderr(f"warning: {warning}")
     sock = listen(host, port)  # before the models load: a taken port fails in a second, not a minute
     served = open_served(index or [], generator or [], device=device)
-    settings = ServerSettings(max_upload_bytes=parse_bytes(max_upload), max_pending=max_pending,
+    settings = ServerSettings(max_upload_bytes=parse_bytes(max_upload) or 0, max_pending=max_pending,
                               allowed_hosts=allowed_hosts(host, allowed_host or ()), api_key=api_key,
                               read_timeout_s=read_timeout)
     for name, per_index in served.generators.items() if index else ():

@@ -8,9 +8,9 @@ only found when training opens them, and are counted there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from retriever.corpus.reader import BadRow, iter_rows
 from retriever.corpus.values import clean_text

@@ -17,9 +17,10 @@ import csv
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from retriever.corpus.files import SAMPLE_BYTES, read_sample, sniff_text
 from retriever.corpus.values import clean_text, has_surrogates, json_kind, metadata, text_value, unique_names

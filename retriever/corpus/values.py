@@ -55,7 +55,7 @@ def text_value(value: Any) -> tuple[str | None, str | None]:
     return text, None
 
 
-def metadata(record: dict[str, Any], text_column: str) -> dict[str, Any]:
+def metadata(record: dict[str, Any], text_column: str | None) -> dict[str, Any]:
     """The other fields, as JSON scalars, so that any mix of rows can be written to parquet."""
     return {_SURROGATE.sub("\ufffd", k): meta_value(v) for k, v in record.items() if k != text_column}
 

@@ -5,12 +5,13 @@ No transformers needed; see `decoding.py` for why the loops match open_clip's `g
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
+from retriever.errors import ModelError
 from retriever.generate.coca import CocaStepper, is_coca
 from retriever.generate.decoding import DecodeOptions, beam_search, sample, tokens_to_text
-from retriever.errors import ModelError
 from retriever.models.loading import LoadedModel
 
 if TYPE_CHECKING:

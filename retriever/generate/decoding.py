@@ -163,9 +163,9 @@ def beam_search(stepper: Stepper, batch: int, opts: DecodeOptions, sot: int, eos
                 scores = group_logits + beam_scores[idx][:, None]
                 if group_ids.shape[-1] < opts.min_len:
                     scores[:, eos] = -math.inf
-            top_scores, top = torch.topk(scores.view(batch, size * vocab), 2 * size, dim=1)
+            top_values, top = torch.topk(scores.view(batch, size * vocab), 2 * size, dim=1)
             top_rows, top_tokens = (top // vocab).tolist(), (top % vocab).tolist()
-            top_scores = top_scores.tolist()
+            top_scores = top_values.tolist()
             cur_len = group_ids.shape[-1] + 1
             # Plain lists while choosing (per-element tensor writes cost more than the choice itself).
             chosen_scores, chosen_tokens, chosen_rows = [0.0] * (batch * size), [0] * (batch * size), [0] * (batch * size)

@@ -8,21 +8,22 @@ from the last complete shard when the same command is run again.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from retriever.corpus.reader import BadRow, CorpusReport, check_corpus_file, count_rows, iter_corpus
-from retriever.models.encoder import Encoder
 from retriever.errors import IndexFormatError, RetrieverError
 from retriever.index.faiss_import import import_faiss
 from retriever.index.lock import BuildLock
 from retriever.index.publish import check_out, recover
+from retriever.index.shards import ShardDir
 from retriever.index.store import RESERVED_COLUMNS, write_index
+from retriever.models.encoder import Encoder
 from retriever.models.loading import LoadedModel, sha256_file
 from retriever.progress import progress
-from retriever.index.shards import ShardDir
 
 if TYPE_CHECKING:
     import numpy as np

@@ -1,4 +1,4 @@
-"""FAISS comes from one of two extras, never both: `retriever[cpu]` (faiss-cpu) or `retriever[gpu]` (faiss-gpu)."""
+"""FAISS comes from one of two extras, never both: `caption-retriever[cpu]` (faiss-cpu) or `caption-retriever[gpu]` (faiss-gpu)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,6 @@ def import_faiss() -> Any:
     try:
         import faiss
     except ImportError:
-        raise MissingExtraError("FAISS is not installed: pip install 'retriever[cpu]', or 'retriever[gpu]' "
+        raise MissingExtraError("FAISS is not installed: pip install 'caption-retriever[cpu]', or 'caption-retriever[gpu]' "
                                 "(faiss-gpu) in an environment without faiss-cpu") from None
     return faiss

@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from retriever.errors import IndexFormatError
 from retriever.index.faiss_import import import_faiss
@@ -147,7 +148,9 @@ def read_manifest(path: str | Path) -> dict:
         raise damaged(path, f"{MANIFEST} is not valid JSON ({e})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if isinstance(manifest, dict) and "format_version" in manifest and version != FORMAT_VERSION:
-        raise IndexFormatError(f"{path}: index format {version}, this retriever reads format {FORMAT_VERSION}; rebuild it")
+        advice = ("it was written by a newer release: pip install -U caption-retriever"
+                  if isinstance(version, int) and version > FORMAT_VERSION else "rebuild it with `retriever build-index`")
+        raise IndexFormatError(f"{path}: index format {version}, this retriever reads format {FORMAT_VERSION}; {advice}")
     return check_manifest(manifest, path)
 
 
@@ -159,7 +162,8 @@ def _short(fingerprint: str) -> str:
 
 def check_built_with(manifest: dict, model: LoadedModel, path: str | Path, advice: str) -> None:
     """Raise IndexFormatError (ending with `advice`) unless the index at `path` was built with `model`."""
-    built_with = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    entry = manifest.get("model")
+    built_with = entry if isinstance(entry, dict) else {}
     recorded = str(built_with.get("fingerprint") or "")
     if recorded != model.fingerprint:
         name, pretrained = built_with.get("name"), built_with.get("pretrained")

@@ -11,8 +11,9 @@ Indexes written before this was recorded still open; they cannot be verified.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from retriever.errors import IndexFormatError
 

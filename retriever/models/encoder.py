@@ -7,7 +7,8 @@ Images go through the model's own eval transform. Output is L2-normalised float3
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from retriever.models.loading import LoadedModel
 from retriever.progress import progress
@@ -126,7 +127,7 @@ class Encoder:
         from PIL import Image
 
         single = isinstance(images, Image.Image)
-        items = [images] if single else list(images)
+        items: list[Image.Image] = [images] if isinstance(images, Image.Image) else list(images)
         out = np.empty((len(items), self.dim), dtype=np.float32)
         with torch.inference_mode(), progress(len(items), "encoding images", "images", show_progress_bar) as advance:
             for start in range(0, len(items), batch_size):

@@ -176,7 +176,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load {spec}: {reason}") from None
     decoder = getattr(model, "text_decoder", None)
-    if random_weights and getattr(decoder, "text_projection", None) is not None:
+    if random_weights and decoder is not None and getattr(decoder, "text_projection", None) is not None:
         # open_clip's CoCa decoder (MultimodalTransformer) leaves its output projection as
         # torch.empty garbage (its init_parameters is never called, and fails if called): training
         # from it gives NaN. Initialise it as that method means to.
@@ -199,7 +199,8 @@ def split_model_ref(ref: str) -> tuple[str, str | None]:
 def wrap_model(spec: ModelSpec, model: Any, preprocess: Any, tokenizer: Any, fingerprint: str, device: str) -> LoadedModel:
     """A LoadedModel around an open_clip model built elsewhere (benchmarks, training)."""
     model.eval()
-    context_length = int(getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77))
+    context_length: Any = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77)
+    context_length = int(context_length)
     if preprocess is not None and not isinstance(preprocess, SafePreprocess):
         preprocess = SafePreprocess(preprocess, _image_side(model, preprocess))
     return LoadedModel(spec, model, preprocess, tokenizer, fingerprint, _embed_dim(model), context_length, device)
@@ -211,8 +212,8 @@ def _image_side(model: Any, preprocess: Any) -> int:
         size = getattr(step, "size", None)
         if isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 1):
             return int(size if isinstance(size, int) else size[0])
-    size = getattr(getattr(model, "visual", None), "image_size", REFERENCE_SIDE)
-    return int(max(size) if isinstance(size, (list, tuple)) else size)
+    side: Any = getattr(getattr(model, "visual", None), "image_size", REFERENCE_SIDE)
+    return int(max(side) if isinstance(side, (list, tuple)) else side)
 
 
 def _open_clip_choice(directory: Path) -> str | None:

@@ -169,7 +169,6 @@ class PrefixScorer:
         """Unnormalised embeddings of each suffix (+ end token) continuing the cached prefix."""
         import torch
         import torch.nn.functional as F
-
         from open_clip.transformer import text_global_pool
 
         model = self.model

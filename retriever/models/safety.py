@@ -10,6 +10,7 @@ plain containers and refuses everything else, so a pickle can never run code.
 
 from __future__ import annotations
 
+import builtins
 import json
 import warnings
 import zipfile
@@ -140,7 +141,7 @@ class _Fields:
             raise ModelError(f"{self.source}: {where}.{key} should be a positive number, found {value!r}")
         return float(value)
 
-    def side(self, cfg: dict, key: str, where: str, default: int = 224) -> int:
+    def side(self, cfg: dict, key: str, where: str, default: builtins.int = 224) -> builtins.int:
         value = cfg.get(key, default)
         sides = list(value) if isinstance(value, (list, tuple)) else [value]
         if not sides or len(sides) > 2:
@@ -151,7 +152,7 @@ class _Fields:
                              f"{MAX_IMAGE_SIDE} px (fix the config)")
         return max(checked)
 
-    def context(self, cfg: dict, default: int, where: str) -> int:
+    def context(self, cfg: dict, default: builtins.int, where: str) -> builtins.int:
         n = self.int(cfg, "context_length", default, where)
         if n > MAX_CONTEXT:
             raise ModelError(f"{self.source}: {where}.context_length is {n}; the limit is {MAX_CONTEXT} "

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -152,7 +153,7 @@ def render(scene: Scene, seed: int | None = None, style: Style | None = None) ->
         background = rng.normal(grey, style.noise, size=(IMAGE_SIZE, IMAGE_SIZE, 3)).clip(0, 255).astype("uint8")
     else:
         background = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), grey, dtype="uint8")
-    cx, cy = POSITIONS[scene.position]
+    cx, cy = map(float, POSITIONS[scene.position])
     cx += float(rng.uniform(-style.jitter, style.jitter))
     cy += float(rng.uniform(-style.jitter, style.jitter))
     scale_lo, scale_hi = style.scale or TRAIN_SCALES[scene.size]
@@ -193,5 +194,5 @@ def sample(n: int, seed: int = 0, style: Style | str | None = None) -> Iterator[
     for _ in range(n):
         scene = scenes[int(rng.integers(len(scenes)))]
         image_seed = int(rng.integers(2**31))
-        look = random_style(np.random.default_rng(image_seed + 1)) if style == "random" else style
+        look = random_style(np.random.default_rng(image_seed + 1)) if isinstance(style, str) else style  # "random"
         yield render(scene, seed=image_seed, style=look), scene.caption

@@ -156,7 +156,7 @@ class Interrogator:
             source = GeneratedCaption(_load_generator(caption_model, device, precision), decode)
         elif caption_index is not None:
             source = RetrievedCaption(_open_caption_index(caption_index, loaded, device, precision))
-        embed = {"root": cache_dir, "show_progress_bar": show_progress_bar, "on_embed": on_embed}
+        embed: dict[str, Any] = {"root": cache_dir, "show_progress_bar": show_progress_bar, "on_embed": on_embed}
         user = {name: open_table(name, path, loaded, **embed) for name, path in (tables or {}).items()}
         wanted = [name for name in parse_builtin(builtin) if name not in user]
         loaded_tables = [load_table(status.name, status.path, loaded)

@@ -59,8 +59,8 @@ class PromptBuilder:
         top `max_flavors` flavors; other tables add their top term after movement."""
         by_name = {t.name: t for t in self._positive_tables()}
         singles = [n for n in CLASSIC_SINGLES if n in by_name] + [n for n in by_name if n not in CLASSIC_SINGLES and n != "flavors"]
-        top = {name: by_name[name].rank(xq, 1) for name in singles}
-        top = {name: terms[0] for name, terms in top.items() if terms}
+        ranked = {name: by_name[name].rank(xq, 1) for name in singles}
+        top = {name: terms[0] for name, terms in ranked.items() if terms}
         medium, artist = top.get("mediums"), top.get("artists")
         pieces = caption_piece(caption)
         if caption and medium is not None and caption.startswith(medium.text):

@@ -8,15 +8,16 @@ everything by the index model's image-text similarity).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
-from retriever.models.encoder import Encoder
 from retriever.errors import RetrieverError
-from retriever.models.images import load_image
 from retriever.index.store import TextIndex, check_built_with, read_index, read_manifest
 from retriever.index.verify import check_scores
+from retriever.models.encoder import Encoder
+from retriever.models.images import load_image
 from retriever.models.loading import LoadedModel, load_model, split_model_ref
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class Retriever:
         >>> [(h.text, h.source) for h in r.query("cat.png", k=3, mode="hybrid")]
     """
 
-    def __init__(self, index: TextIndex | None, model: LoadedModel | None, generator: LoadedModel | None = None,
+    def __init__(self, index: TextIndex | None, model: LoadedModel | None, generator: Any = None,
                  more_indexes: Sequence[TextIndex] = ()):
         self.indexes = ([index] if index is not None else []) + list(more_indexes)
         for i, opened in enumerate(self.indexes):
@@ -96,7 +97,7 @@ class Retriever:
         """
         if index is None and generator is None:
             raise RetrieverError("give an index to retrieve from, or a generator to write captions")
-        loaded_gen = generator if not isinstance(generator, str) else None
+        loaded_gen: Any = generator if not isinstance(generator, str) else None
         style = isinstance(generator, str) and generator.startswith("style:")
         if isinstance(generator, str) and not style:
             name, tag = split_model_ref(generator)
@@ -110,7 +111,7 @@ class Retriever:
             if style:
                 from retriever.generate.style import load_generator
 
-                loaded_gen = load_generator(generator, device=device, precision=precision)
+                loaded_gen = load_generator(str(generator), device=device, precision=precision)
             return cls(None, None, loaded_gen)
         manifest = read_manifest(paths[0])
         recorded = manifest["model"]
@@ -122,7 +123,7 @@ class Retriever:
         if style:  # shares the index's CLIP model, and must have been trained with it
             from retriever.generate.style import load_generator
 
-            loaded_gen = load_generator(generator, device=device, precision=precision, clip=loaded)
+            loaded_gen = load_generator(str(generator), device=device, precision=precision, clip=loaded)
         if getattr(loaded_gen, "wants_index_memory", False):
             from retriever.search.style_memory import index_memory
 
@@ -177,8 +178,9 @@ class Retriever:
             always_generate: hybrid generates whatever the retrieved scores.
             n_generate: captions to generate per image (the n best beams, or n samples).
             text: a text combined with each image (image + text, normalised): "in winter".
-            plus, minus: texts (or (text, weight) pairs, or "text:weight") that push each query
-                towards or away from them: normalise(image + sum(w plus) - sum(w minus)).
+            plus: texts (or (text, weight) pairs, or "text:weight") that push each query towards
+                them: normalise(image + sum(w plus) - sum(w minus)).
+            minus: the same, pushing each query away from them.
             diversity: 0 (plain nearest) to 1 (most diverse): MMR over `fetch_k` candidates.
             fetch_k: candidates for re-ranking (default max(10 k, 100) when re-ranking).
             dedupe: collapse hits whose texts' cosine is at least this, keeping the best.
@@ -201,14 +203,14 @@ class Retriever:
         if mode == "retrieve":
             return results
         threshold = self.default_min_score() if min_score is None else min_score
-        weak = [i for i, hits in enumerate(results) if always_generate or not hits or hits[0].score < threshold]
+        weak = [i for i, hits in enumerate(results) if always_generate or not hits or _score(hits[0]) < threshold]
         if weak:
             generated = self.captioner.caption_candidates([pil[i] for i in weak], decode, n=n_generate)
             for i, texts in zip(weak, generated):
                 texts = [t for t in texts if t not in {h.text for h in results[i]}]
-                scores = (self.encoder.encode_text(texts, show_progress_bar=False) @ xq[i]).tolist() if texts else []
-                merged = results[i] + self._generated_hits(texts, scores)
-                results[i] = sorted(merged, key=lambda h: -h.score)[:k]
+                similar: list[float] = (self._require_encoder().encode_text(texts, show_progress_bar=False) @ xq[i]).tolist() if texts else []
+                merged = results[i] + self._generated_hits(texts, similar)
+                results[i] = sorted(merged, key=lambda h: -_score(h))[:k]
         return results
 
     def query_text(self, text: str, k: int = 10, plus: Sequence[str | tuple[str, float]] = (),
@@ -299,15 +301,22 @@ class Retriever:
         return self.encoder
 
     def _similarities(self, images: list, texts: list[list[str]]) -> list[list[float]]:
-        xq = self.encoder.encode_image(images, show_progress_bar=False)
-        return [(self.encoder.encode_text(t, show_progress_bar=False) @ xq[i]).tolist() if t else []
+        encoder = self._require_encoder()
+        xq = encoder.encode_image(images, show_progress_bar=False)
+        return [(encoder.encode_text(t, show_progress_bar=False) @ xq[i]).tolist() if t else []
                 for i, t in enumerate(texts)]
 
     def _generated_hits(self, texts: list[str], scores: list[float] | None) -> list[Hit]:
         source = getattr(self.captioner, "source", "generated")  # "styled" for a style decoder
-        hits = [Hit(text=t, score=None if scores is None else float(s), id=None, source=source)
-                for t, s in zip(texts, scores if scores is not None else [None] * len(texts))]
-        return sorted(hits, key=lambda h: -h.score) if scores is not None else hits
+        if scores is None:
+            return [Hit(text=t, score=None, id=None, source=source) for t in texts]
+        hits = [Hit(text=t, score=float(s), id=None, source=source) for t, s in zip(texts, scores)]
+        return sorted(hits, key=lambda h: -_score(h))
+
+
+def _score(hit: Hit) -> float:
+    """A hit's score for ranking (generated hits without one rank last)."""
+    return -math.inf if hit.score is None else hit.score
 
 
 def _hit(row: dict, score: float, index: str | None = None) -> Hit:

@@ -175,7 +175,7 @@ def _result_metrics(retriever: Retriever, pil: list, xq: np.ndarray, images: lis
         results = retriever.query_many(pil, k=k, batch_size=batch_size, **options)
     except TypeError as e:  # an option query_many does not take
         raise RetrieverError(f"unknown query option in {sorted(options)}: {e}") from None
-    encoder = retriever.encoder
+    encoder = retriever._require_encoder()
     ils, relevance, top1 = [], [], []
     distinct: dict[str, list[int]] = {}
     for image, hits in zip(images, results):
@@ -203,12 +203,12 @@ def _hit_vectors(retriever: Retriever, encoder, hits: list) -> np.ndarray:
 
     from retriever.search.options import can_rerank, exact_vectors
 
-    by_name = {Path(ix.path).name: ix for ix in retriever.indexes}
+    by_name: dict[str | None, Any] = {Path(ix.path).name: ix for ix in retriever.indexes}
     if len(retriever.indexes) == 1:
         by_name[None] = retriever.indexes[0]
     sources = [by_name.get(h.index) if h.id is not None else None for h in hits]
     if all(ix is not None and can_rerank(ix) for ix in sources):
-        return np.stack([exact_vectors(ix, np.array([h.id]))[0] for ix, h in zip(sources, hits)])
+        return np.stack([exact_vectors(ix, np.array([h.id]))[0] for ix, h in zip(sources, hits)])  # type: ignore[arg-type]
     return encoder.encode_text([h.text for h in hits], show_progress_bar=False)
 
 

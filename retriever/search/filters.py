@@ -60,6 +60,7 @@ def tokenize(text: str) -> list[Token]:
         if not match or match.end() == at:
             raise FilterError(f"--where: unexpected {text[at:].lstrip()[:10]!r} at character {at + 1}")
         kind = match.lastgroup
+        assert kind is not None  # every alternative of _TOKEN is a named group
         raw = match[kind]
         start = match.start(kind)
         if kind == "string":

@@ -13,6 +13,7 @@ The path of one query vector:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,7 +94,7 @@ def can_rerank(index: TextIndex) -> bool:
         (factory.startswith("HNSW") and factory.endswith(",Flat"))
 
 
-def exact_vectors(index: TextIndex, ids: np.ndarray) -> np.ndarray:
+def exact_vectors(index: TextIndex, ids: np.ndarray | Sequence[int]) -> np.ndarray:
     """Exact float32 vectors of rows `ids`: stored ones, or reconstructed from a flat or HNSW
     index. Raises RetrieverError saying what is needed when neither is possible."""
     import numpy as np
@@ -209,7 +210,7 @@ def _threads() -> Any:
 
 
 def search_indexes(indexes: list[TextIndex], xq: np.ndarray, k: int, options: ResultOptions,
-                   masks: list[np.ndarray | None] | None = None) -> list[list[tuple[int, float, int]]]:
+                   masks: Sequence[np.ndarray | None] | None = None) -> list[list[tuple[int, float, int]]]:
     """Search several indexes built with one model and merge by score (by MMR when diversity is
     on): for each row of `xq`, the `k` best (index position, score, row id). The indexes are searched in parallel threads
     (FAISS releases the GIL), so two cost about as much as the slower one where cores allow."""

@@ -8,7 +8,8 @@ of its weight at DeCap's temperature, at the cost of one search.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from retriever.search.options import exact_vectors
 

@@ -1,4 +1,4 @@
-"""HTTP API and web page over loaded Retrievers (FastAPI; `pip install retriever[serve]`).
+"""HTTP API and web page over loaded Retrievers (FastAPI; `pip install caption-retriever[serve]`).
 
 The server never loads models: it is given `Retriever`s opened by the caller. Inference runs
 on one worker thread, off the event loop (torch uses every core inside it); at most
@@ -15,11 +15,12 @@ refusal is JSON:
 # (`request: Request`) at definition time, and Request is imported inside create_app.
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from retriever.errors import MissingExtraError, RetrieverError
 from retriever.serve.body import (
@@ -82,7 +83,7 @@ def create_app(retrievers: "dict[str, Retriever]", settings: "ServerSettings | N
         from fastapi.responses import HTMLResponse, JSONResponse
         from starlette.exceptions import HTTPException as StarletteHTTPException
     except ImportError:
-        raise MissingExtraError("the server needs its extra: pip install 'retriever[serve]'") from None
+        raise MissingExtraError("the server needs its extra: pip install 'caption-retriever[serve]'") from None
 
     if not retrievers:
         raise RetrieverError("serve needs at least one index or a generator")

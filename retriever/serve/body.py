@@ -274,7 +274,7 @@ def _names_field(value: Any, limit: int) -> list[str] | None:
     if value is None:
         return None
     items = _list_of(value, "indexes", 64)  # repeats are dropped below, then the loaded count applies
-    names = []
+    names: list[str] = []
     for i, item in enumerate(items):
         if not isinstance(item, str) or not item.strip():
             raise HTTPProblem(400, f"indexes[{i}] must be an index name (a non-empty string), not "
@@ -314,7 +314,7 @@ def _modifiers_field(value: Any, name: str, limits: Limits) -> list[tuple[str, f
         elif isinstance(item, str):
             checked = _text_field({where: item}, where, limits.max_text_chars)
             try:
-                pairs.append(parse_weighted(checked))
+                pairs.append(parse_weighted(checked or ""))
             except RetrieverError as e:
                 raise HTTPProblem(400, f"{where}: {e}") from None
         else:

@@ -74,11 +74,11 @@ def open_served(indexes: Sequence[str | Path], generators: Sequence[str], device
         first = next(iter(loaded.values()), None)
         return Served({GENERATOR_ONLY: Retriever(None, None, first)}, {GENERATOR_ONLY: loaded})
 
-    fitting = {ref: [name for name, r in retrievers.items() if r.model.fingerprint == clip.get("fingerprint")]
+    fitting = {ref: [name for name, r in retrievers.items() if _clip(r).fingerprint == clip.get("fingerprint")]
                for ref, clip in trained.items()}
     for ref, clip in trained.items():
         if not fitting[ref]:
-            built = sorted({f"{r.model.spec} ({name})" for name, r in retrievers.items()})
+            built = sorted({f"{_clip(r).spec} ({name})" for name, r in retrievers.items()})
             raise RetrieverError(f"{ref} was trained with CLIP {clip.get('name')} [{clip.get('fingerprint')}], "
                                  f"which built none of the indexes: {', '.join(built)}")
     served: dict[str, dict[str, Any]] = {name: {} for name in retrievers}
@@ -91,7 +91,7 @@ def open_served(indexes: Sequence[str | Path], generators: Sequence[str], device
         by_model: dict[str, Any] = {}  # one decoder per CLIP model, unless each index is its memory
         for name in fitting[ref]:
             r = retrievers[name]
-            key = name if parse_style_ref(ref)[1].get("memory") == "index" else r.model.fingerprint
+            key = name if parse_style_ref(ref)[1].get("memory") == "index" else _clip(r).fingerprint
             if key not in by_model:
                 by_model[key] = _load_style(ref, r, device)
             served[name][ref] = by_model[key]
@@ -122,5 +122,12 @@ def _load_style(ref: str, retriever: Retriever, device: str | None) -> Any:
 
     generator = load_generator(ref, device=device, clip=retriever.model)
     if getattr(generator, "wants_index_memory", False):
+        assert retriever.index is not None
         generator.memory_lookup = index_memory(retriever.index)
     return generator
+
+
+def _clip(retriever: Retriever) -> Any:
+    """The CLIP model of a Retriever opened on an index (which always has one)."""
+    assert retriever.model is not None
+    return retriever.model

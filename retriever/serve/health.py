@@ -8,8 +8,8 @@ flipped byte in its vectors gives plausible but wrong answers.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from retriever.errors import RetrieverError
 
@@ -35,7 +35,7 @@ class IndexHealth:
 
     def __init__(self, paths: dict[str, list[Path]], verify: Callable[[Path], None] | None):
         self.paths, self.verify = paths, verify
-        self._state = {name: (CHECKING if verify and dirs else UNCHECKED, None) for name, dirs in paths.items()}
+        self._state: dict[str, tuple[str, str | None]] = {name: (CHECKING if verify and dirs else UNCHECKED, None) for name, dirs in paths.items()}
         self._lock = threading.Lock()
         self.thread: threading.Thread | None = None
 
@@ -47,11 +47,14 @@ class IndexHealth:
         self.thread.start()
 
     def _check_all(self) -> None:
+        verify = self.verify
+        assert verify is not None
         for name, dirs in self.paths.items():
-            state, detail = OK, None
+            state: str = OK
+            detail: str | None = None
             for path in dirs:
                 try:
-                    self.verify(path)
+                    verify(path)
                 except (RetrieverError, OSError) as e:
                     state, detail = DAMAGED, str(e)
                     break

@@ -114,7 +114,7 @@ def answer(names: tuple[str, ...], target: tuple[Retriever, list[str]], params: 
             extra = {**steering, **options} if mode != "generate" else {}
             hits = retriever.query(pil[0], k=params.k, mode=mode, text=params.text, **extra)
         else:
-            hits = retriever.query_text(params.text, k=params.k, **steering, **options)
+            hits = retriever.query_text(params.text or "", k=params.k, **steering, **options)
     except ImageError as e:
         raise HTTPProblem(IMAGE_ERROR_STATUS.get(e.kind, 400), f"{e.reason}") from None
     except IndexFormatError as e:  # a search that met damaged vectors: not the client's fault

@@ -88,7 +88,7 @@ def serve(app, sock: socket.socket, settings: ServerSettings) -> None:
         # Connections beyond this get uvicorn's 503 at once: pending queries plus room for
         # the page, /healthz and refusals, but not unbounded.
         limit_concurrency=settings.max_pending + settings.spare_connections,
-        timeout_keep_alive=settings.keep_alive_s,
+        timeout_keep_alive=int(settings.keep_alive_s),
         h11_max_incomplete_event_size=16 * 1024,  # headers larger than this get 400
         timeout_graceful_shutdown=5,
         server_header=False,

@@ -7,7 +7,8 @@ world many images share one, so "the caption at the image's own row" (open_clip_
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from PIL import Image

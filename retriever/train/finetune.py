@@ -162,7 +162,8 @@ def finetune(
     Args:
         train: pairs file (`filepath` and `title` columns by default; see `retriever.pairs`).
         out: output folder.
-        model, pretrained: as for `load_model` (a CLIP or a CoCa).
+        model: as for `load_model` (a CLIP or a CoCa).
+        pretrained: as for `load_model`.
         val: held-out pairs: validation loss, caption R@1 and, for CoCa, exact match are
             reported after each epoch.
         options: hyperparameters.
@@ -170,7 +171,8 @@ def finetune(
         overwrite: replace a previous run in `out` (only the files a run writes are deleted).
         from_scratch: start from random weights (the architecture of `model` only).
         device: `cuda`, `mps`, `cpu`, or None for the best available.
-        image_column, caption_column: column names in the pairs files.
+        image_column: the image column's name in the pairs files.
+        caption_column: the caption column's name in the pairs files.
         show_progress_bar: None shows one on stderr when it is a terminal.
         on_event: called with ("step" | "epoch" | "unreadable_image" | "checkpoint" | "bad_row", details).
 
@@ -191,7 +193,10 @@ def finetune(
     emit = on_event or (lambda kind, details: None)
     # Everything that can be checked cheaply is, before anything is deleted or loaded.
     to_clear = check_out(out, resume, overwrite)
-    bad_row = (lambda row: emit("bad_row", {"row": str(row)}))
+
+    def bad_row(row: object) -> None:
+        emit("bad_row", {"row": str(row)})
+
     pairs = read_pairs(train, image_column, caption_column, on_bad_row=bad_row)
     val_pairs = read_pairs(val, image_column, caption_column, on_bad_row=bad_row) if val else None
     data_id = {"path": str(Path(train).resolve()), "pairs": len(pairs), "sha256": file_sha256(train)}
@@ -225,7 +230,8 @@ class _Run:
         self.train_path, self.out, self.options, self.pairs, self.val_pairs = train, out, options, pairs, val_pairs
         self.data_id, self.device, self.emit, self.show_bar, self.started = data_id, device, emit, show_progress_bar, started
         self.autocast, self.scaler = precision
-        self.epoch, self.batch, self.losses = 0, 0, []
+        self.epoch, self.batch = 0, 0
+        self.losses: list[float] = []
         self.history: list[EpochReport] = []
         self.unreadable: list[str] = []
         self.elapsed = 0.0
@@ -305,12 +311,14 @@ class _Run:
         from retriever.progress import progress
 
         self.net.train()
-        self.epoch_start, self.tried, self.failed = time.perf_counter(), 0, []
+        self.epoch_start, self.tried = time.perf_counter(), 0
+        self.failed: list[str] = []
         options = self.options
         batches = epoch_batches(len(self.pairs), options.batch_size, options.seed, self.epoch)[self.batch:]
         # Its own generator: creating a loader must not draw from the global RNG that a resumed
         # run restores (with workers=0 an interrupted and resumed run is then bit-identical).
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self._workers(),
+        loader: Any = torch.utils.data.DataLoader(self.dataset,  # type: ignore[arg-type]
+                                             batch_sampler=batches, num_workers=self._workers(),
                                              collate_fn=collate, pin_memory=self.device.startswith("cuda"),
                                              worker_init_fn=ignore_sigint,
                                              generator=torch.Generator().manual_seed(options.seed * 1000 + self.epoch))

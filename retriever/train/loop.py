@@ -63,7 +63,7 @@ def collate(items: list[tuple[Any, str | None]]) -> tuple[Any, Any, list[str]]:
     import torch
 
     good = [item for item, _ in items if item is not None]
-    errors = [error for item, error in items if item is None]
+    errors = [str(error) for item, error in items if item is None]
     if not good:
         return None, None, errors
     return torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), errors

@@ -193,7 +193,7 @@ def train_style(corpus: str | Path, out: str | Path, model: str, pretrained: str
 
     history: list[StyleEpoch] = []
     epoch, batch_in_epoch, losses, elapsed, trained_tokens, train_seconds = 0, 0, [], 0.0, 0, 0.0
-    if meta is not None:
+    if meta is not None and saved_tensors is not None:
         restore_tensors(out / STATE_DIR, meta, saved_tensors, decoder, optimizer, None, f"a style decoder of {clip.spec}")
         epoch, batch_in_epoch, losses = meta["epoch"], meta["batch"], list(meta["losses"])
         history = [StyleEpoch(**e) for e in meta["history"]]

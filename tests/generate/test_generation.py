@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from retriever.models import toyworld
+from retriever.errors import ModelError, RetrieverError
 from retriever.generate.captioner import Captioner
 from retriever.generate.decoding import DecodeOptions
-from retriever.errors import ModelError, RetrieverError
+from retriever.models import toyworld
 from retriever.models.loading import load_model
 
 

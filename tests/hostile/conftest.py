@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from hostile_checks import assert_clean_error  # noqa: F401 (re-exported for older imports)
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from hostile_checks import assert_clean_error
+
 from retriever.errors import IndexFormatError
 from retriever.index import publish
 from retriever.index.ann import recall_at_k

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile_checks import assert_clean_error  # noqa: E402
 from PIL import Image
 
 from retriever.corpus.coco import convert_coco
@@ -26,10 +27,6 @@ from retriever.errors import CorpusError, ImageError, ModelError
 from retriever.models import toyworld
 from retriever.models.images import load_image
 from retriever.models.loading import BUNDLED_DIR, load_model
-
-
-from hostile_checks import assert_clean_error  # noqa: E402
-
 
 # --- corpus paths: refused by stat and a 64 KiB sniff, before hashing or a model load -------------
 

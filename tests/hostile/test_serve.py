@@ -365,7 +365,7 @@ def server(toy_index):
             break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read())
+                raise RuntimeError(proc.stderr.read()) from None
             time.sleep(0.3)
     yield port
     proc.terminate()
@@ -405,7 +405,7 @@ def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") ->
         try:
             if sock.recv(65536) == b"":
                 return time.monotonic() - start
-        except socket.timeout:
+        except TimeoutError:
             pass
         except ConnectionResetError:
             return time.monotonic() - start

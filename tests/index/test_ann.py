@@ -2,9 +2,17 @@ import faiss
 import numpy as np
 import pytest
 
-from retriever.index.ann import (exact_neighbors, new_index, parse_bytes, perturbed_queries, plan_index, recall_at_k,
-                           train_sample_size, tune)
 from retriever.errors import RetrieverError
+from retriever.index.ann import (
+    exact_neighbors,
+    new_index,
+    parse_bytes,
+    perturbed_queries,
+    plan_index,
+    recall_at_k,
+    train_sample_size,
+    tune,
+)
 
 
 def clustered(n, d, seed=0):

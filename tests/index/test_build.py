@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from retriever.index.build import build_index
-from retriever.index.store import read_index
 from retriever.index.shards import ShardDir
+from retriever.index.store import read_index
 
 
 def _interrupt_after(monkeypatch, shards_written: int):

@@ -3,11 +3,11 @@ import json
 import numpy as np
 import pytest
 
+from retriever.errors import ImageError, IndexFormatError
+from retriever.index.build import build_index
+from retriever.index.store import read_index, read_manifest
 from retriever.models import toyworld
 from retriever.search.api import Retriever
-from retriever.index.build import build_index
-from retriever.errors import ImageError, IndexFormatError
-from retriever.index.store import read_index, read_manifest
 
 
 def test_manifest_records_model_corpus_and_versions(toy_index, toy_model, toy_corpus):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from retriever.errors import IndexFormatError, MissingExtraError, RetrieverError
 from retriever.models import toyworld
 from retriever.models.encoder import Encoder
-from retriever.errors import IndexFormatError, MissingExtraError, RetrieverError
 from retriever.prompts.interrogate import Interrogator
 from retriever.prompts.label_tables import (
     BUILTIN_TABLES,

@@ -1,12 +1,11 @@
 """Prefix-shared text encoding: the same vectors as full encoding, and the same prompts."""
 
-import numpy as np
 import pytest
 
+from retriever.models import toyworld
 from retriever.models.prefix import PrefixScorer, can_share_prefix, is_plain
 from retriever.prompts.interrogate import Interrogator
 from retriever.prompts.label_tables import builtin_labels, ensure_table, load_table
-from retriever.models import toyworld
 
 EDGE_SUFFIXES = ["emoji 🎨 art", "café au lait", "fish &amp; chips", "a &lt; b", "  spaced   out  ", "", "x" * 300,
                  "trending on artstation", "it's", "!!!", "'s", "déjà vu", "ＦＵＬＬ width", "\u00a0nbsp"]

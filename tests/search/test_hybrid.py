@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retriever.models import toyworld
-from retriever.search.api import Retriever
-from retriever.index.build import build_index
 from retriever.cli import app
 from retriever.errors import ModelError, RetrieverError
+from retriever.index.build import build_index
+from retriever.models import toyworld
+from retriever.search.api import Retriever
 
 MISSING_SHAPE = "star"  # every star caption is left out of the partial index
 

@@ -52,7 +52,7 @@ def brute_vectors(index):
 def test_plain_options_return_the_nearest(indexes, queries):
     index = indexes["flat"]
     xb = brute_vectors(index)
-    for (scores, ids), q in zip(search_index(index, queries, 10, ResultOptions()), queries):
+    for (_, ids), q in zip(search_index(index, queries, 10, ResultOptions()), queries):
         assert ids.tolist() == np.argsort(-(xb @ q), kind="stable")[:10].tolist()
 
 
@@ -62,11 +62,11 @@ def test_where_prefilters_and_still_returns_k(indexes, queries, kind):
     mask = where_mask(index.texts, 'source = "toy" and colour in ("red", "blue")')
     assert mask.sum() == 64
     results = search_index(index, queries, 10, ResultOptions(), mask=mask)
-    for scores, ids in results:
+    for _, ids in results:
         assert len(ids) == 10 and mask[ids].all()
     if kind == "flat":  # exact: the same as brute force over the matching rows
         xb = brute_vectors(index)
-        for (scores, ids), q in zip(results, queries):
+        for (_, ids), q in zip(results, queries):
             allowed = np.flatnonzero(mask)
             assert set(ids.tolist()) == set(allowed[np.argsort(-(xb[allowed] @ q))[:10]].tolist())
 
@@ -83,7 +83,7 @@ def test_diversity_and_dedupe_match_reference(indexes, queries):
     xb = brute_vectors(index)
     options = ResultOptions(diversity=0.5, dedupe=0.9, fetch_k=200)
     _, I = index.faiss_index.search(queries, 200)
-    for (scores, ids), q, cand in zip(search_index(index, queries, 10, options), queries, I):
+    for (_, ids), q, cand in zip(search_index(index, queries, 10, options), queries, I):
         s = xb[cand] @ q
         kept = collapse_near_duplicates(s, xb[cand], 0.9)
         expected = cand[kept][mmr(s[kept], xb[cand][kept], 10, 0.5)]

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from retriever.errors import RetrieverError
@@ -94,9 +93,9 @@ def test_several_indexes_merge_by_score(toy_index, second_index, red_star):
 
 
 def test_an_index_of_another_model_is_refused(toy_index, tmp_path):
-    from retriever.index.store import MANIFEST
-
     import shutil
+
+    from retriever.index.store import MANIFEST
 
     other = tmp_path / "other"
     shutil.copytree(toy_index, other)

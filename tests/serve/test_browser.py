@@ -54,7 +54,7 @@ def server(toy_index, small_index):
             break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read())
+                raise RuntimeError(proc.stderr.read()) from None
             time.sleep(0.3)
     yield url
     proc.terminate()

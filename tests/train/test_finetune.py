@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from retriever.models import toyworld
 from retriever.cli import app
 from retriever.errors import CorpusError, RetrieverError
-from retriever.train.finetune import TrainOptions, finetune
+from retriever.models import toyworld
 from retriever.models.loading import load_model
+from retriever.train.finetune import TrainOptions, finetune
 
 
 def write_pairs(folder, n, seed, header="filepath\ttitle", large_only=False):
@@ -74,9 +74,9 @@ def test_short_run_from_toy_weights_keeps_heldout_recall(data, tmp_path):
     # The output is a model folder the rest of the project loads, and it is the trained model.
     tuned = load_model(f"local-dir:{out}", device="cpu")
     assert tuned.fingerprint != load_model("toyworld", device="cpu").fingerprint
-    from retriever.train.evaluation import caption_recall_at_1
     from retriever.corpus.pairs import read_pairs
     from retriever.models.images import load_image
+    from retriever.train.evaluation import caption_recall_at_1
 
     val = list(read_pairs(data["val"]).unique_images().items())
     recall = caption_recall_at_1(tuned, [load_image(p) for p, _ in val], [c for _, c in val])
@@ -93,8 +93,8 @@ def test_coca_fine_tune_reports_exact_match_and_writes_captions(tmp_path):
     result = finetune(train, tmp_path / "coca", "toyworld-coca", val=val, options=options, show_progress_bar=False)
     (report,) = result.epochs
     assert report.exact_match is not None and report.exact_match >= 0.9
-    from retriever.search.api import Retriever
     from retriever.corpus.pairs import read_pairs
+    from retriever.search.api import Retriever
 
     pairs = read_pairs(val)
     writer = Retriever.open(generator=f"local-dir:{tmp_path / 'coca'}", device="cpu")  # as `--generator local-dir:OUT`
