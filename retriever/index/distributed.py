@@ -94,8 +94,8 @@ class RaySession:
         try:
             if address:
                 ray.init(address=address, **kwargs)
-            else:
-                ray.init(include_dashboard=False, **kwargs)
+            else:  # "local": a new Ray of our own, never whatever `ray start` left running here
+                ray.init(address="local", include_dashboard=False, **kwargs)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
             where = f"the Ray cluster at {address}" if address else "a local Ray"
             advice = "; start one with `ray start --head`, or leave out --ray-address" if address else ""

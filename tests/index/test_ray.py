@@ -23,7 +23,7 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
@@ -168,6 +168,9 @@ def test_a_ray_start_head_cluster_is_reached_by_address(toy_corpus, tmp_path, ra
     finally:
         os.killpg(head.pid, 15)
         head.wait(timeout=60)
+        current = "/tmp/ray/ray_current_cluster"  # left pointing at the stopped head: ours to remove
+        if os.path.exists(current) and open(current).read().strip().endswith(f":{port}"):
+            os.remove(current)
 
 
 def test_without_ray_the_error_is_one_line_naming_the_extra(run, toy_corpus, tmp_path, monkeypatch):

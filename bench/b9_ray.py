@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""B9: the overhead of `--engine ray` against the single-process build, on this machine.
+
+Both build the same corpus (clip-interrogator's flavors, one per line) with the same model into
+a flat index, so the difference is what Ray adds: starting actors (each imports torch and
+loads the model), moving each chunk's texts through the object store, and writing shards from
+another process. The Ray session is started once, before timing, as on a cluster that is
+already up; actor start-up is timed apart, since it does not grow with the corpus.
+
+    python bench/b9_ray.py --n 20000 --workers 2            # toy model: the worst case for overhead
+    python bench/b9_ray.py --n 4000 --model ViT-B-32 --pretrained PATH.safetensors
+"""
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from common import flavors, machine
+
+from retriever.index.build import build_index
+from retriever.index.distributed import Embedder, RayOptions, _model_args, plan_workers
+from retriever.models.loading import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=20000, help="texts (of the 100,970 flavors)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=2048)
+    parser.add_argument("--model", default="toyworld")
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--repeats", type=int, default=2, help="builds per engine (the best is reported)")
+    args = parser.parse_args()
+
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="b9-"))
+    corpus = work / "flavors.txt"
+    corpus.write_text("\n".join(flavors()[: args.n]) + "\n")
+    model = load_model(args.model, args.pretrained, device="cpu")
+    print(f"machine: {machine()}")
+    t = time.perf_counter()
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    print(f"ray.init (once per session, not timed below): {time.perf_counter() - t:.1f} s")
+    options = RayOptions(workers=args.workers)
+
+    workers, per_gpu, threads = plan_workers(ray, options)
+    actor = ray.remote(Embedder).options(num_cpus=threads or 1)
+    t = time.perf_counter()
+    pool = [actor.remote(_model_args(model), model.fingerprint, str(work), {}, "cpu", threads) for _ in range(workers)]
+    ray.get([a.__ray_ready__.remote() for a in pool])
+    startup = time.perf_counter() - t
+    for a in pool:
+        ray.kill(a)
+
+    def build(engine: str) -> float:
+        best = float("inf")
+        for i in range(args.repeats):
+            out = work / f"{engine}-{i}"
+            result = build_index(corpus, out, model, chunk_size=args.chunk_size, index_type="flat",
+                                 show_progress_bar=False, engine=engine, ray=options if engine == "ray" else None)
+            best = min(best, result.seconds)
+            shutil.rmtree(out)
+        return best
+
+    local = build("local")
+    distributed = build("ray")
+    n = args.n
+    print(f"model {args.model}, {n} texts, chunk {args.chunk_size}, {args.workers} workers, best of {args.repeats}")
+    print(f"{'engine':<28}{'seconds':>9}{'texts/s':>10}{'vs local':>10}")
+    print(f"{'local (1 process)':<28}{local:>9.1f}{n / local:>10.0f}{1:>10.2f}")
+    print(f"{'ray (all)':<28}{distributed:>9.1f}{n / distributed:>10.0f}{distributed / local:>10.2f}")
+    steady = max(distributed - startup, 1e-9)
+    print(f"{'ray less actor start-up':<28}{steady:>9.1f}{n / steady:>10.0f}{steady / local:>10.2f}")
+    print(f"actor start-up (import torch, load model; {workers} at once): {startup:.1f} s")
+    shutil.rmtree(work)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
