@@ -115,7 +115,7 @@ def build_index(
         plan_index(rows + 1, model.embed_dim, index_type, max_memory, at_most=True)  # +1: no final newline
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with BuildLock(out) as lock:
+        with BuildLock(out) as lock, _engine_session(ray if engine == "ray" else None):
             out = check_out(out, overwrite)  # again, now that no other build can change it
             recover(out)
             return _build_locked(corpus_path, out, model, lock, rows, start, column=column, strict=strict,
@@ -135,28 +135,6 @@ def _build_locked(corpus_path: str | Path, out: Path, model: LoadedModel, lock: 
                   index_type: str, max_memory: int | None, recall_target: float, use_gpu: bool | None,
                   store_vectors: bool, ray: RayOptions | None) -> BuildResult:
     """`build_index` once the build lock on `out` is held (`ray`: on a Ray cluster)."""
-    if ray is not None:
-        from retriever.index.distributed import RaySession
-
-        with RaySession(ray):
-            return _build_locked_with(corpus_path, out, model, lock, rows, start, column=column, strict=strict,
-                                      batch_size=batch_size, overwrite=overwrite,
-                                      show_progress_bar=show_progress_bar, on_bad_row=on_bad_row,
-                                      chunk_size=chunk_size, index_type=index_type, max_memory=max_memory,
-                                      recall_target=recall_target, use_gpu=use_gpu, store_vectors=store_vectors,
-                                      ray=ray)
-    return _build_locked_with(corpus_path, out, model, lock, rows, start, column=column, strict=strict,
-                              batch_size=batch_size, overwrite=overwrite, show_progress_bar=show_progress_bar,
-                              on_bad_row=on_bad_row, chunk_size=chunk_size, index_type=index_type,
-                              max_memory=max_memory, recall_target=recall_target, use_gpu=use_gpu,
-                              store_vectors=store_vectors, ray=None)
-
-
-def _build_locked_with(corpus_path: str | Path, out: Path, model: LoadedModel, lock: BuildLock, rows: int | None,
-                       start: float, *, column: str | None, strict: bool, batch_size: int, overwrite: bool,
-                       show_progress_bar: bool | None, on_bad_row: Callable[[BadRow], None] | None,
-                       chunk_size: int, index_type: str, max_memory: int | None, recall_target: float,
-                       use_gpu: bool | None, store_vectors: bool, ray: RayOptions | None) -> BuildResult:
     from retriever.index.ann import plan_index
 
     corpus_sha = sha256_file(corpus_path)
@@ -168,11 +146,10 @@ def _build_locked_with(corpus_path: str | Path, out: Path, model: LoadedModel, l
     embedded = 0
     with progress(rows, "embedding", "texts", show_progress_bar) as advance:
         if ray is not None:
-            from retriever.index.distributed import embed_shards, table_chunks
+            from retriever.index.distributed import embed_shards
 
-            items = _numbered_chunks(corpus_path, column, strict, report, on_bad_row, chunk_size)
-            number, embedded, done_before = embed_shards(table_chunks(items, chunk_size, _table), shards, model, ray,
-                                                         batch_size, advance)
+            chunks = _numbered_chunks(corpus_path, column, strict, report, on_bad_row, chunk_size)
+            number, embedded, done_before = embed_shards(chunks, chunk_size, shards, model, ray, batch_size, advance)
         else:
             chunk: list[tuple[str, dict]] = []
             number = 0
@@ -281,6 +258,17 @@ def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, 
                                 TUNING_QUERIES, seed=1)
     gt = exact_neighbors(shards.iter_vectors(count), queries, 10)
     return index, tune(index, plan, queries, gt, recall_target)
+
+
+def _engine_session(ray: RayOptions | None):
+    """A connection to Ray for the build (`ray`), or nothing for a local one."""
+    from contextlib import nullcontext
+
+    if ray is None:
+        return nullcontext()
+    from retriever.index.distributed import RaySession
+
+    return RaySession(ray)
 
 
 def _numbered_chunks(corpus_path: str | Path, column: str | None, strict: bool, report: CorpusReport,

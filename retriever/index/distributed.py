@@ -3,7 +3,7 @@ build (build.py); only who embeds which shard, and who fills the IVF lists, chan
 
     driver                                   Ray actors (one per worker, model loaded once)
     ------                                   ------------------------------------------------
-    reads the corpus in order (dedupe and    embed(number, table): encode the texts, write
+    reads the corpus in order (dedupe and    embed(number, chunk): encode the texts, write
     ids exactly as a local build), skips     meta-NNNNN.parquet + emb-NNNNN.npy into the work
     finished shards, sends each chunk's      directory, return (number, rows): shard ids, never
     texts to the least busy actor            vectors, come back through the object store
@@ -26,16 +26,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from retriever.errors import MissingExtraError, RetrieverError
 from retriever.index.shards import ShardDir
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
     from retriever.models.loading import LoadedModel
 
 RAY_INSTALL = "pip install 'retriever[ray]'"
@@ -47,6 +46,8 @@ MAX_RETRIES = 3  # ...and the shard it held retried this often
 #   RETRIEVER_TEST_KILL_DRIVER=K          the driver kills itself after K shards are written
 KILL_WORKER_ENV = "RETRIEVER_TEST_KILL_WORKER"
 KILL_DRIVER_ENV = "RETRIEVER_TEST_KILL_DRIVER"
+# Timings of the last embed_shards call in this process (for bench/b9_ray.py).
+last_timings: dict[str, float] = {}
 
 
 @dataclass
@@ -154,20 +155,23 @@ class Embedder:
         self.encoder = Encoder(model)
         self.shards = ShardDir(Path(work_dir), state)
 
-    def embed(self, number: int, table: pa.Table, batch_size: int) -> tuple[int, int]:
-        texts = table.column("text").to_pylist()
+    def embed(self, number: int, chunk: list[tuple[str, dict]], first_id: int, batch_size: int) -> tuple[int, int]:
+        from retriever.index.build import _table  # built here, not on the driver: it halves the driver's work
+
+        texts = [text for text, _ in chunk]
         vectors = self.encoder.encode_text(texts, batch_size=batch_size, show_progress_bar=False)
         _maybe_kill_worker(self.kill_spec, number)
-        self.shards.write(number, vectors, table)
+        self.shards.write(number, vectors, _table(chunk, first_id))
         return number, len(texts)
 
 
-def embed_shards(chunks: Iterator[tuple[int, pa.Table, int]], shards: ShardDir, model: LoadedModel,
-                 options: RayOptions, batch_size: int, advance: Callable[[int], None]) -> tuple[int, int, int]:
+def embed_shards(chunks: Iterator[tuple[int, list[tuple[str, dict]], int]], chunk_size: int, shards: ShardDir,
+                 model: LoadedModel, options: RayOptions, batch_size: int,
+                 advance: Callable[[int], None]) -> tuple[int, int, int]:
     """Embed every chunk not finished yet on an actor pool; returns (shards, embedded, resumed).
 
-    `chunks` yields (number, table, rows consumed from the corpus for it) in corpus order.
-    Call inside a RaySession.
+    `chunks` yields (number, its (text, metadata) pairs, rows consumed from the corpus for it) in
+    corpus order; chunk n's ids start at n x `chunk_size`. Call inside a RaySession.
     """
     ray = import_ray()
     workers, per_gpu, threads = plan_workers(ray, options)
@@ -177,7 +181,12 @@ def embed_shards(chunks: Iterator[tuple[int, pa.Table, int]], shards: ShardDir, 
     device = "cuda" if per_gpu else "cpu"
     args = (_model_args(model), model.fingerprint, str(shards.path), shards.state, device, threads,
             os.environ.get(KILL_WORKER_ENV))
+    started = time.perf_counter()
     pool = [actor.remote(*args) for _ in range(workers)]
+    for ref in [handle.__ray_ready__.remote() for handle in pool]:
+        _get(ray, ref, None)  # each has loaded its model (or said in one line why it cannot)
+    last_timings.clear()
+    last_timings["actors_ready_s"] = time.perf_counter() - started
     busy = [0] * workers
     pending: dict[Any, tuple[int, int, int]] = {}  # ref -> (actor, number, rows consumed)
     count = embedded = resumed = written = 0
@@ -197,7 +206,7 @@ def embed_shards(chunks: Iterator[tuple[int, pa.Table, int]], shards: ShardDir, 
                 os.kill(os.getpid(), signal.SIGKILL)
 
     try:
-        for number, table, consumed in chunks:
+        for number, chunk, consumed in chunks:
             count = number + 1
             if number in finished:
                 resumed += 1
@@ -208,12 +217,14 @@ def embed_shards(chunks: Iterator[tuple[int, pa.Table, int]], shards: ShardDir, 
             collect(block=False)
             slot = min(range(workers), key=busy.__getitem__)
             busy[slot] += 1
-            pending[pool[slot].embed.remote(number, table, batch_size)] = (slot, number, consumed)
+            ref = pool[slot].embed.remote(number, chunk, number * chunk_size, batch_size)
+            pending[ref] = (slot, number, consumed)
         while pending:
             collect(block=True)
     finally:
         for handle in pool:
             ray.kill(handle)
+    last_timings["embed_s"] = time.perf_counter() - started
     return count, embedded, resumed
 
 
@@ -237,8 +248,9 @@ def fill_ivf(index, shards: ShardDir, sizes: list[int], workers: int) -> tuple[A
     os.replace(work / "trained.tmp", trained)
     starts = np.cumsum([0] + sizes)
     groups = [list(g) for g in np.array_split(np.arange(len(sizes)), min(workers, len(sizes))) if len(g)]
-    task = ray.remote(_add_block).options(num_cpus=1, max_retries=MAX_RETRIES)
-    refs = [task.remote(str(work), block, [int(n) for n in group], [int(starts[n]) for n in group])
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // len(groups))  # faiss's OpenMP threads each
+    task = ray.remote(_add_block).options(num_cpus=threads, max_retries=MAX_RETRIES)
+    refs = [task.remote(str(work), block, [int(n) for n in group], [int(starts[n]) for n in group], threads)
             for block, group in enumerate(groups)]
     blocks = [_get(ray, ref, None) for ref in refs]
     ivfdata = work / "index.ivfdata"
@@ -255,13 +267,14 @@ def fill_ivf(index, shards: ShardDir, sizes: list[int], workers: int) -> tuple[A
     return merged, ivfdata
 
 
-def _add_block(work_dir: str, block: int, numbers: list[int], first_ids: list[int]) -> str:
+def _add_block(work_dir: str, block: int, numbers: list[int], first_ids: list[int], threads: int) -> str:
     """A Ray task: one block of shards added, with their global ids, to a copy of the trained index."""
     import numpy as np
 
     from retriever.index.faiss_import import import_faiss
 
     faiss = import_faiss()
+    faiss.omp_set_num_threads(threads)
     work = Path(work_dir)
     index = faiss.read_index(str(work / "trained.index"))
     for number, first in zip(numbers, first_ids):
@@ -281,7 +294,7 @@ def _get(ray, ref, number: int | None):
         cause = getattr(e, "cause", None)
         if isinstance(cause, RetrieverError):
             raise type(cause)(str(cause)) from None
-        what = f"shard {number}" if number is not None else "adding vectors"
+        what = f"shard {number}" if number is not None else "starting or adding vectors"
         raise RetrieverError(f"a Ray worker failed on {what} ({_first_line(cause or e)}); "
                              "run the same command to resume") from None
     except ray.exceptions.RayActorError as e:
@@ -323,10 +336,3 @@ def _maybe_kill_worker(spec: str | None, number: int) -> None:
     if int(shard) == number and marker and not os.path.exists(marker):
         Path(marker).write_text(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def table_chunks(items: Iterable[tuple[int, list[tuple[str, dict]], int]], chunk_size: int,
-                 make_table: Callable[[list, int], pa.Table]) -> Iterator[tuple[int, pa.Table, int]]:
-    """(number, table with ids, rows consumed) for each numbered chunk of (text, metadata) pairs."""
-    for number, chunk, consumed in items:
-        yield number, make_table(chunk, number * chunk_size), consumed

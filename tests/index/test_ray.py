@@ -169,8 +169,11 @@ def test_a_ray_start_head_cluster_is_reached_by_address(toy_corpus, tmp_path, ra
         os.killpg(head.pid, 15)
         head.wait(timeout=60)
         current = "/tmp/ray/ray_current_cluster"  # left pointing at the stopped head: ours to remove
-        if os.path.exists(current) and open(current).read().strip().endswith(f":{port}"):
-            os.remove(current)
+        if os.path.exists(current):
+            with open(current) as f:
+                ours = f.read().strip().endswith(f":{port}")
+            if ours:
+                os.remove(current)
 
 
 def test_without_ray_the_error_is_one_line_naming_the_extra(run, toy_corpus, tmp_path, monkeypatch):
