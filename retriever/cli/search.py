@@ -77,9 +77,11 @@ def build_index_cmd(
     if engine not in ("local", "ray"):
         raise RetrieverError(f"unknown --engine {engine!r}; choose local or ray")
     if engine == "ray":
-        from retriever.index.distributed import RayOptions, import_ray
+        from retriever.index.distributed import RayOptions, check_address, import_ray
 
         import_ray()  # a missing extra is one line, before a model load
+        if ray_address:
+            check_address(ray_address)  # seconds, not the minutes ray.init retries for
         ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
     elif ray_address is not None or workers is not None or gpus_per_worker is not None:
         raise RetrieverError("--ray-address, --workers and --gpus-per-worker need --engine ray")

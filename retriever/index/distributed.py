@@ -92,6 +92,8 @@ class RaySession:
         kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False,
                                   "logging_level": logging.WARNING}
         address = self.options.address
+        if address:
+            check_address(address)
         try:
             if address:
                 ray.init(address=address, **kwargs)
@@ -109,6 +111,33 @@ class RaySession:
             import ray
 
             ray.shutdown()
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, in one line, when nothing listens at the cluster's address: ray.init
+    would otherwise retry for minutes. `auto` is checked at the address Ray would pick."""
+    import socket
+
+    where = address
+    if address == "auto":
+        where = os.environ.get("RAY_ADDRESS", "")
+        if not where:
+            try:
+                with open(os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")) as f:
+                    where = f.read().strip()
+            except OSError:
+                raise RetrieverError("--ray-address auto: no Ray cluster runs on this node; start one with "
+                                     "`ray start --head`, or leave out --ray-address") from None
+    if where.startswith("ray://"):
+        return  # Ray Client: ray.init reports it
+    host, _, port = where.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise RetrieverError(f"cannot reach the Ray cluster at {where} ({reason}); start one with "
+                             "`ray start --head`, or leave out --ray-address") from None
 
 
 def plan_workers(ray, options: RayOptions) -> tuple[int, float, int]:

@@ -185,6 +185,19 @@ def test_without_ray_the_error_is_one_line_naming_the_extra(run, toy_corpus, tmp
     assert "retriever[ray]" in message and len(message.splitlines()) == 1 and "Traceback" not in message
 
 
+def test_an_unreachable_cluster_is_one_line(run, toy_corpus, tmp_path):
+    import socket
+
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run("build-index", str(toy_corpus), "--model", "toyworld", "--out", str(tmp_path / "idx"),
+                 "--engine", "ray", "--ray-address", f"127.0.0.1:{port}")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in result.stderr.strip().splitlines()[-1]
+
+
 def test_ray_options_need_the_ray_engine(run, toy_corpus, tmp_path):
     result = run("build-index", str(toy_corpus), "--model", "toyworld", "--out", str(tmp_path / "idx"),
                  "--workers", "2")
