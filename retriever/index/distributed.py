@@ -98,6 +98,8 @@ class RaySession:
             if address:
                 ray.init(address=address, **kwargs)
             else:  # "local": a new Ray of our own, never whatever `ray start` left running here
+                # (its token-authentication notice is about clusters others join: not this one)
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
                 ray.init(address="local", include_dashboard=False, **kwargs)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
             where = f"the Ray cluster at {address}" if address else "a local Ray"
