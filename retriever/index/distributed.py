@@ -195,6 +195,10 @@ class Embedder:
         self.shards.write(number, vectors, _table(chunk, first_id))
         return number, len(texts)
 
+    def cpu_seconds(self) -> float:
+        """CPU time this worker process has used (all its threads), for the timings."""
+        return time.process_time()
+
 
 def embed_shards(chunks: Iterator[tuple[int, list[tuple[str, dict]], int]], chunk_size: int, shards: ShardDir,
                  model: LoadedModel, options: RayOptions, batch_size: int,
@@ -218,6 +222,7 @@ def embed_shards(chunks: Iterator[tuple[int, list[tuple[str, dict]], int]], chun
         _get(ray, ref, None)  # each has loaded its model (or said in one line why it cannot)
     last_timings.clear()
     last_timings["actors_ready_s"] = time.perf_counter() - started
+    last_timings["actors_ready_cpu_s"] = sum(ray.get([handle.cpu_seconds.remote() for handle in pool]))
     busy = [0] * workers
     pending: dict[Any, tuple[int, int, int]] = {}  # ref -> (actor, number, rows consumed)
     count = embedded = resumed = written = 0
@@ -252,6 +257,7 @@ def embed_shards(chunks: Iterator[tuple[int, list[tuple[str, dict]], int]], chun
             pending[ref] = (slot, number, consumed)
         while pending:
             collect(block=True)
+        last_timings["workers_cpu_s"] = sum(ray.get([handle.cpu_seconds.remote() for handle in pool]))
     finally:
         for handle in pool:
             ray.kill(handle)
