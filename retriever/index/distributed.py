@@ -218,11 +218,6 @@ def embed_shards(chunks: Iterator[tuple[int, list[tuple[str, dict]], int]], chun
             os.environ.get(KILL_WORKER_ENV))
     started = time.perf_counter()
     pool = [actor.remote(*args) for _ in range(workers)]
-    for ref in [handle.__ray_ready__.remote() for handle in pool]:
-        _get(ray, ref, None)  # each has loaded its model (or said in one line why it cannot)
-    last_timings.clear()
-    last_timings["actors_ready_s"] = time.perf_counter() - started
-    last_timings["actors_ready_cpu_s"] = sum(ray.get([handle.cpu_seconds.remote() for handle in pool]))
     busy = [0] * workers
     pending: dict[Any, tuple[int, int, int]] = {}  # ref -> (actor, number, rows consumed)
     count = embedded = resumed = written = 0
@@ -230,6 +225,8 @@ def embed_shards(chunks: Iterator[tuple[int, list[tuple[str, dict]], int]], chun
 
     def collect(block: bool) -> None:
         nonlocal embedded, written
+        if not pending:
+            return
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
         for ref in ready:
             slot, number, consumed = pending.pop(ref)
@@ -242,6 +239,11 @@ def embed_shards(chunks: Iterator[tuple[int, list[tuple[str, dict]], int]], chun
                 os.kill(os.getpid(), signal.SIGKILL)
 
     try:
+        for ref in [handle.__ray_ready__.remote() for handle in pool]:
+            _get(ray, ref, None)  # each has loaded its model (or said in one line why it cannot)
+        last_timings.clear()
+        last_timings["actors_ready_s"] = time.perf_counter() - started
+        last_timings["actors_ready_cpu_s"] = sum(ray.get([handle.cpu_seconds.remote() for handle in pool]))
         for number, chunk, consumed in chunks:
             count = number + 1
             if number in finished:

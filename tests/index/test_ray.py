@@ -113,6 +113,20 @@ def test_ray_build_matches_the_local_one_after_a_killed_worker(toy_model, toy_co
     assert not (tmp_path / ".ray.building").exists()
 
 
+def test_a_worker_with_other_weights_is_a_one_line_error(toy_model, toy_corpus, tmp_path, ray_cluster):
+    import dataclasses
+
+    from retriever.errors import RetrieverError
+
+    driver = dataclasses.replace(toy_model, fingerprint="sha256:" + "0" * 64)  # as if the nodes' weights differed
+    with pytest.raises(RetrieverError) as caught:
+        build_index(toy_corpus, tmp_path / "idx", driver, chunk_size=64, show_progress_bar=False, engine="ray",
+                    ray=_ray(workers=1))
+    message = str(caught.value)
+    assert "install the same weights on every node" in message and "\n" not in message
+    assert not (tmp_path / "idx").exists()
+
+
 def _cli(*args, env=None, address=None):
     command = [sys.executable, "-m", "retriever", "build-index", *args, "--model", "toyworld", "--engine", "ray",
                "--workers", "2", "--json", "-q"]
@@ -160,7 +174,7 @@ def test_a_ray_start_head_cluster_is_reached_by_address(toy_corpus, tmp_path, ra
         result = None
         while time.monotonic() < deadline:
             result = _cli(str(toy_corpus), "--out", str(tmp_path / "idx"), "--index-type", "flat", address=address)
-            if result.returncode == 0 or "cannot start or reach" not in result.stderr:
+            if result.returncode == 0 or "reach the Ray cluster" not in result.stderr:
                 break
             time.sleep(2)  # the head is still starting
         assert result is not None and result.returncode == 0, result.stderr[-2000:]
