@@ -37,4 +37,4 @@ pip install --no-deps clip-interrogator==0.6.0
 # clip-benchmark only for its zero-shot retrieval evaluator, which `retriever eval`'s recall is
 # checked against (that module needs torch and tqdm alone; the rest of its deps are not needed).
 pip install --no-deps clip-benchmark==1.6.2
-.venv/bin/python -c "import retriever, torch, open_clip, faiss"
+.venv/bin/python -c "import retriever, torch, open_clip, faiss, ray"

@@ -57,6 +57,10 @@ def build_index_cmd(
     recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="Recall@10 vs exact search that ANN indexes are tuned to.")] = 0.95,
     chunk_size: Annotated[int, typer.Option(min=1, help="Texts per shard: bounds memory; an interrupted build resumes from the last shard.")] = 65536,
     vectors: Annotated[bool, typer.Option("--vectors/--no-vectors", help="Keep exact fp16 vectors (2 bytes x dim per text) for --diversity, --dedupe and --like on approximate indexes.")] = True,
+    engine: Annotated[str, typer.Option(help="local (this process) or ray (an actor pool on a Ray cluster; --out must be on storage every node sees).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(help="--engine ray: the cluster to join, auto or HOST:PORT (default: start a local Ray).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="--engine ray: embedding actors (default: one per GPU, or per CPU core without GPUs).")] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(min=0.0, help="--engine ray: GPUs per actor (default: 1 when the cluster has GPUs, else 0).")] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = "fp32",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")] = False,
@@ -69,6 +73,18 @@ def build_index_cmd(
     from retriever.corpus.reader import check_corpus_file
 
     check_corpus_file(corpus)  # a typo costs milliseconds, not a model load
+    ray_options = None
+    if engine not in ("local", "ray"):
+        raise RetrieverError(f"unknown --engine {engine!r}; choose local or ray")
+    if engine == "ray":
+        from retriever.index.distributed import RayOptions, check_address, import_ray
+
+        import_ray()  # a missing extra is one line, before a model load
+        if ray_address:
+            check_address(ray_address)  # seconds, not the minutes ray.init retries for
+        ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
+    elif ray_address is not None or workers is not None or gpus_per_worker is not None:
+        raise RetrieverError("--ray-address, --workers and --gpus-per-worker need --engine ray")
     from retriever.index.ann import parse_bytes
     from retriever.index.build import build_index
     from retriever.index.lock import check_unlocked
@@ -87,7 +103,7 @@ def build_index_cmd(
                          overwrite=overwrite, show_progress_bar=False if quiet else None, on_bad_row=lambda bad: warnings.warn("bad rows", f"skipped {bad}"),
                          chunk_size=chunk_size, index_type=index_type, max_memory=parse_bytes(max_memory),
                          recall_target=recall_target, use_gpu=False if device == "cpu" else None,
-                         store_vectors=vectors)
+                         store_vectors=vectors, engine=engine, ray=ray_options)
     warnings.finish()
     summary = result.as_dict()
     if as_json:

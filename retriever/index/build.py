@@ -8,7 +8,7 @@ from the last complete shard when the same command is run again.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,8 +29,11 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
+    from retriever.index.distributed import RayOptions
+
 DEFAULT_CHUNK_SIZE = 65_536
 TUNING_QUERIES = 1_000
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -65,6 +68,8 @@ def build_index(
     recall_target: float = 0.95,
     use_gpu: bool | None = None,
     store_vectors: bool = True,
+    engine: str = "local",
+    ray: RayOptions | None = None,
 ) -> BuildResult:
     """Embed every usable text of a corpus file into an index directory at `out`.
 
@@ -85,6 +90,8 @@ def build_index(
         use_gpu: train and add on the GPU when faiss has one (None), or never (False).
         store_vectors: keep the exact fp16 vectors beside the index (`vectors.f16.npy`: 2 bytes
             per dimension per text) for exact re-ranking, diversity and "more like this".
+        engine: `local` embeds in this process; `ray` on a Ray actor pool (`ray` says where and how
+            wide), which also fills IVF indexes in parallel and merges them on disk (distributed.py).
 
     Raises:
         IndexFormatError: `out` is not an index (or exists without `overwrite`), another build
@@ -95,6 +102,13 @@ def build_index(
 
     check_corpus_file(corpus_path)  # before hashing: a FIFO or /dev/zero would never end
     import_faiss()  # before hours of embedding, not after
+    if engine not in ENGINES:
+        raise RetrieverError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if engine == "ray":
+        from retriever.index.distributed import RayOptions, import_ray
+
+        import_ray()  # a missing extra is one line, before anything else
+        ray = ray or RayOptions()
     start = time.perf_counter()
     out = check_out(out, overwrite)
     rows = count_rows(corpus_path)
@@ -102,14 +116,14 @@ def build_index(
         plan_index(rows + 1, model.embed_dim, index_type, max_memory, at_most=True)  # +1: no final newline
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with BuildLock(out) as lock:
+        with BuildLock(out) as lock, _engine_session(ray if engine == "ray" else None):
             out = check_out(out, overwrite)  # again, now that no other build can change it
             recover(out)
             return _build_locked(corpus_path, out, model, lock, rows, start, column=column, strict=strict,
                                  batch_size=batch_size, overwrite=overwrite, show_progress_bar=show_progress_bar,
                                  on_bad_row=on_bad_row, chunk_size=chunk_size, index_type=index_type,
                                  max_memory=max_memory, recall_target=recall_target, use_gpu=use_gpu,
-                                 store_vectors=store_vectors)
+                                 store_vectors=store_vectors, ray=ray if engine == "ray" else None)
     except OSError as e:
         where = e.filename or out
         raise IndexFormatError(f"{where}: {e.strerror or e} (while building {out}); free space or fix "
@@ -120,8 +134,8 @@ def _build_locked(corpus_path: str | Path, out: Path, model: LoadedModel, lock: 
                   start: float, *, column: str | None, strict: bool, batch_size: int, overwrite: bool,
                   show_progress_bar: bool | None, on_bad_row: Callable[[BadRow], None] | None, chunk_size: int,
                   index_type: str, max_memory: int | None, recall_target: float, use_gpu: bool | None,
-                  store_vectors: bool) -> BuildResult:
-    """`build_index` once the build lock on `out` is held."""
+                  store_vectors: bool, ray: RayOptions | None) -> BuildResult:
+    """`build_index` once the build lock on `out` is held (`ray`: on a Ray cluster)."""
     from retriever.index.ann import plan_index
 
     corpus_sha = sha256_file(corpus_path)
@@ -132,37 +146,54 @@ def _build_locked(corpus_path: str | Path, out: Path, model: LoadedModel, lock: 
     encoder = Encoder(model)
     embedded = 0
     with progress(rows, "embedding", "texts", show_progress_bar) as advance:
-        chunk: list[tuple[str, dict]] = []
-        number = 0
-        rows_seen = 0
+        if ray is not None:
+            from retriever.index.distributed import embed_shards
 
-        def flush() -> None:
-            nonlocal number, embedded, rows_seen
-            if number >= done_before:
-                texts = [t for t, _ in chunk]
-                vectors = encoder.encode_text(texts, batch_size=batch_size, show_progress_bar=False,
-                                              on_batch=advance)
-                shards.write(number, vectors, _table(chunk, first_id=number * chunk_size))
-                embedded += len(chunk)
-            else:
-                advance(len(chunk))
-            consumed = report.rows + len(report.bad_rows)
-            advance(consumed - rows_seen - len(chunk))  # skipped empty/duplicate/bad rows
-            rows_seen = consumed
-            number += 1
-            chunk.clear()
+            chunks = _numbered_chunks(corpus_path, column, strict, report, on_bad_row, chunk_size)
+            number, embedded, done_before = embed_shards(chunks, chunk_size, shards, model, ray, batch_size, advance)
+        else:
+            chunk: list[tuple[str, dict]] = []
+            number = 0
+            rows_seen = 0
 
-        for item in iter_corpus(corpus_path, column=column, strict=strict, report=report, on_bad_row=on_bad_row):
-            chunk.append(item)
-            if len(chunk) == chunk_size:
+            def flush() -> None:
+                nonlocal number, embedded, rows_seen
+                if number >= done_before:
+                    texts = [t for t, _ in chunk]
+                    vectors = encoder.encode_text(texts, batch_size=batch_size, show_progress_bar=False,
+                                                  on_batch=advance)
+                    shards.write(number, vectors, _table(chunk, first_id=number * chunk_size))
+                    embedded += len(chunk)
+                else:
+                    advance(len(chunk))
+                consumed = report.rows + len(report.bad_rows)
+                advance(consumed - rows_seen - len(chunk))  # skipped empty/duplicate/bad rows
+                rows_seen = consumed
+                number += 1
+                chunk.clear()
+
+            for item in iter_corpus(corpus_path, column=column, strict=strict, report=report, on_bad_row=on_bad_row):
+                chunk.append(item)
+                if len(chunk) == chunk_size:
+                    flush()
+            if chunk:
                 flush()
-        if chunk:
-            flush()
     count = number
     n, d = report.kept, model.embed_dim
     plan = plan_index(n, d, index_type, max_memory)
     shards.check(count, d)
-    faiss_index, tuning = _assemble(shards, count, plan, d, recall_target, use_gpu)
+    fill, ivf_data = None, None
+    if ray is not None and plan.factory.startswith("IVF"):
+        from retriever.index.distributed import fill_ivf, import_ray, plan_workers
+
+        workers = plan_workers(import_ray(), ray)[0]
+
+        def fill(index, sizes):
+            nonlocal ivf_data
+            index, ivf_data = fill_ivf(index, shards, sizes, workers)
+            return index
+
+    faiss_index, tuning = _assemble(shards, count, plan, d, recall_target, use_gpu, fill)
     manifest = {
         "model": model.describe(),
         "embedding_dim": d,
@@ -173,13 +204,14 @@ def _build_locked(corpus_path: str | Path, out: Path, model: LoadedModel, lock: 
         "tuning": {"recall_at_10": round(tuning.recall_at_10, 4), "recall_target": recall_target,
                    "queries": tuning.queries} if plan.tune else None,
         "corpus": {"path": str(Path(corpus_path).resolve()), "sha256": corpus_sha, **report.as_dict()},
-        "build": {"chunk_size": chunk_size, "shards": count, "max_memory": max_memory},
+        "build": {"chunk_size": chunk_size, "shards": count, "max_memory": max_memory,
+                  "engine": "ray" if ray is not None else "local"},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
     schema = _unified_schema([t.schema for t in shards.tables(count)])
     path = write_index(out, faiss_index, (_conform(t, schema) for t in shards.tables(count)), schema,
-                       manifest, overwrite=overwrite, lock=lock,
+                       manifest, overwrite=overwrite, lock=lock, ivf_data=ivf_data,
                        vectors=(shards.vectors(i) for i in range(count)) if store_vectors else None)
     shards.remove()
     index_info = {"index_type": plan.index_type, "search_params": tuning.params}
@@ -188,8 +220,13 @@ def _build_locked(corpus_path: str | Path, out: Path, model: LoadedModel, lock: 
     return BuildResult(path, report, time.perf_counter() - start, embedded, min(done_before, count), index_info)
 
 
-def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, use_gpu: bool | None):
-    """Train (on a sample), fill and tune the FAISS index from the shards."""
+def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, use_gpu: bool | None,
+              fill: Callable | None = None):
+    """Train (on a random sample across all shards), fill and tune the FAISS index from the shards.
+
+    `fill(index, sizes)` returns the trained `index` filled (the distributed build's parallel add
+    and on-disk merge); by default the shards are added here, in order.
+    """
     faiss = import_faiss()
     import numpy as np
 
@@ -211,14 +248,45 @@ def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, 
             reason = " ".join(str(e).split()).rsplit("Error: ", 1)[-1][:200]
             raise RetrieverError(f"cannot train a {plan.index_type} index on {train_n} texts ({reason}); "
                                  "try --index-type flat or auto") from None
-    for vectors in shards.iter_vectors(count):
-        index.add(vectors)
+    if fill is not None:
+        index = fill(index, sizes)
+    else:
+        for vectors in shards.iter_vectors(count):
+            index.add(vectors)
     if not plan.tune:
         return index, TuneResult()
     queries = perturbed_queries(_sample_rows(shards, sizes, rng.choice(n, size=min(TUNING_QUERIES, n), replace=False)),
                                 TUNING_QUERIES, seed=1)
     gt = exact_neighbors(shards.iter_vectors(count), queries, 10)
     return index, tune(index, plan, queries, gt, recall_target)
+
+
+def _engine_session(ray: RayOptions | None):
+    """A connection to Ray for the build (`ray`), or nothing for a local one."""
+    from contextlib import nullcontext
+
+    if ray is None:
+        return nullcontext()
+    from retriever.index.distributed import RaySession
+
+    return RaySession(ray)
+
+
+def _numbered_chunks(corpus_path: str | Path, column: str | None, strict: bool, report: CorpusReport,
+                     on_bad_row: Callable[[BadRow], None] | None,
+                     chunk_size: int) -> Iterator[tuple[int, list[tuple[str, dict]], int]]:
+    """(shard number, its (text, metadata) pairs, corpus rows consumed since the previous one), in
+    corpus order: the same chunks, so the same shards and ids, as the local engine's loop."""
+    chunk: list[tuple[str, dict]] = []
+    number = rows_seen = 0
+    for item in iter_corpus(corpus_path, column=column, strict=strict, report=report, on_bad_row=on_bad_row):
+        chunk.append(item)
+        if len(chunk) == chunk_size:
+            consumed = report.rows + len(report.bad_rows)
+            yield number, chunk, consumed - rows_seen
+            number, rows_seen, chunk = number + 1, consumed, []
+    if chunk:
+        yield number, chunk, report.rows + len(report.bad_rows) - rows_seen
 
 
 def _sample_rows(shards: ShardDir, sizes: list[int], rows: np.ndarray) -> np.ndarray:

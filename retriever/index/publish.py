@@ -28,7 +28,7 @@ from pathlib import Path
 from retriever.errors import IndexFormatError
 
 MANIFEST = "manifest.json"
-INDEX_FILES = frozenset({"manifest.json", "index.faiss", "texts.parquet", "vectors.f16.npy"})
+INDEX_FILES = frozenset({"manifest.json", "index.faiss", "texts.parquet", "vectors.f16.npy", "index.ivfdata"})
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 

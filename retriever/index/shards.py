@@ -4,9 +4,13 @@
       state.json            what is being built (corpus hash, model, chunk size): resume only if equal
       meta-00000.parquet    id, text and metadata of chunk 0
       emb-00000.npy         its embeddings, fp16; written last, so its presence marks the chunk done
+      trained.index, block-00000.index, index.ivfdata
+                            a distributed build's IVF: trained quantizer, one filled block per
+                            worker, and the merged on-disk lists (see distributed.py)
 
 Each file is written under a temporary name and renamed, so a shard is either whole or absent,
-whatever kills the process. A restarted build skips the chunks whose `emb-*.npy` exists.
+whatever kills the process. A restarted build skips the chunks whose `emb-*.npy` exists (the
+local engine writes them in order; a distributed one in any order, see `finished`).
 
 Each meta file records the build it belongs to (a hash of state.json), its row count and the
 SHA-256 of its embeddings; assembly checks all three, so shards written by another build (another
@@ -30,7 +34,8 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
-_OURS = re.compile(r"state\.json|state\.tmp|(meta|emb)-\d{5}\.(parquet|npy|tmp)")
+_OURS = re.compile(r"state\.json|state\.tmp|(meta|emb)-\d{5}\.(parquet|npy|tmp)|block-\d{5}\.(index|tmp)"
+                   r"|trained\.(index|tmp)|index\.ivfdata")
 _KEY = b"retriever.shard"
 
 
@@ -79,6 +84,10 @@ class ShardDir:
         while (self.path / f"emb-{count:05d}.npy").is_file():
             count += 1
         return count
+
+    def finished(self) -> set[int]:
+        """Numbers of all complete shards, in any order (a distributed build finishes them out of order)."""
+        return {int(p.name[4:9]) for p in self.path.glob("emb-[0-9][0-9][0-9][0-9][0-9].npy")}
 
     def write(self, number: int, vectors: np.ndarray, table: pa.Table) -> None:
         import numpy as np

@@ -6,6 +6,9 @@
       texts.parquet    id (the FAISS row), text, and the corpus's other columns
       vectors.f16.npy  the exact normalised embeddings, fp16, row = id (absent with --no-vectors);
                        memory-mapped for exact re-ranking, diversity and "more like this"
+      index.ivfdata    only in format 2 (IVF indexes merged by a distributed build): the inverted
+                       lists on disk (faiss OnDiskInvertedLists), always memory-mapped; index.faiss
+                       then holds only the quantizers and list sizes
 
 A directory is written under a temporary name beside its target and published only when
 complete (publish.py), so an interrupted build never leaves a half index that loads, and a
@@ -19,6 +22,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,10 +40,12 @@ if TYPE_CHECKING:
     from retriever.models.loading import LoadedModel
 
 FORMAT_VERSION = 1
+ONDISK_FORMAT_VERSION = 2  # older readers refuse it in one line instead of opening a missing list file
 MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
 TEXTS_FILE = "texts.parquet"
 VECTORS_FILE = "vectors.f16.npy"
+IVFDATA_FILE = "index.ivfdata"
 RESERVED_COLUMNS = ("id", "text")
 
 
@@ -72,7 +78,7 @@ class TextIndex:
 
 def write_index(path: str | Path, faiss_index: Any, texts: Iterable[pa.Table], schema: pa.Schema,
                 manifest: dict, overwrite: bool = False, vectors: Iterable[np.ndarray] | None = None,
-                lock: BuildLock | None = None) -> Path:
+                lock: BuildLock | None = None, ivf_data: Path | None = None) -> Path:
     """Write a built FAISS index, its texts (tables conforming to `schema`) and optionally its
     exact vectors (blocks in row order, stored as one fp16 array) atomically.
 
@@ -82,6 +88,8 @@ def write_index(path: str | Path, faiss_index: Any, texts: Iterable[pa.Table], s
 
     Args:
         lock: the caller's build lock on `path`, if it holds one; otherwise one is taken here.
+        ivf_data: the on-disk inverted lists of `faiss_index` (a merged IVF, see distributed.py),
+            on the same filesystem; moved into the index as index.ivfdata (format 2).
     """
     faiss = import_faiss()
     import pyarrow.parquet as pq
@@ -92,16 +100,19 @@ def write_index(path: str | Path, faiss_index: Any, texts: Iterable[pa.Table], s
     try:
         path = check_out(path, overwrite)  # again, now that no other build can change it
         recover(path)
-        manifest = {**manifest, "format_version": FORMAT_VERSION, "count": int(faiss_index.ntotal)}
+        version = ONDISK_FORMAT_VERSION if ivf_data is not None else FORMAT_VERSION
+        manifest = {**manifest, "format_version": version, "count": int(faiss_index.ntotal)}
         tmp = new_temp_dir(path)
         try:
             faiss.write_index(faiss_index, str(tmp / FAISS_FILE))
+            if ivf_data is not None:  # read back with IO_FLAG_ONDISK_SAME_DIR, wherever the index moves
+                os.replace(ivf_data, tmp / IVFDATA_FILE)
             with pq.ParquetWriter(tmp / TEXTS_FILE, schema) as writer:
                 for table in texts:
                     writer.write_table(table)
             if vectors is not None:
                 _write_vectors(tmp / VECTORS_FILE, vectors, int(faiss_index.ntotal), int(faiss_index.d))
-            manifest["files"] = file_records(tmp, (FAISS_FILE, TEXTS_FILE, VECTORS_FILE))
+            manifest["files"] = file_records(tmp, (FAISS_FILE, TEXTS_FILE, VECTORS_FILE, IVFDATA_FILE))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
             _fsync_dir(tmp)
             publish(tmp, path)
@@ -147,10 +158,12 @@ def read_manifest(path: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise damaged(path, f"{MANIFEST} is not valid JSON ({e})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if isinstance(manifest, dict) and "format_version" in manifest and version != FORMAT_VERSION:
+    if isinstance(manifest, dict) and "format_version" in manifest and version not in (FORMAT_VERSION,
+                                                                                        ONDISK_FORMAT_VERSION):
         advice = ("it was written by a newer release: pip install -U caption-retriever"
-                  if isinstance(version, int) and version > FORMAT_VERSION else "rebuild it with `retriever build-index`")
-        raise IndexFormatError(f"{path}: index format {version}, this retriever reads format {FORMAT_VERSION}; {advice}")
+                  if isinstance(version, int) and version > ONDISK_FORMAT_VERSION else "rebuild it with `retriever build-index`")
+        raise IndexFormatError(f"{path}: index format {version}, this retriever reads formats {FORMAT_VERSION} and "
+                               f"{ONDISK_FORMAT_VERSION}; {advice}")
     return check_manifest(manifest, path)
 
 
@@ -206,8 +219,14 @@ def read_index(path: str | Path, use_gpu: bool | None = None, mmap: bool | None 
     # Inverted lists (IVF) and flat code arrays (Flat, HNSW storage) are mapped by different flags.
     ivf = str(manifest.get("faiss_factory") or "").startswith("IVF")
     flags = ((faiss.IO_FLAG_MMAP if ivf else faiss.IO_FLAG_MMAP_IFC) | faiss.IO_FLAG_READ_ONLY) if mmap else 0
+    ondisk = manifest.get("format_version") == ONDISK_FORMAT_VERSION or (path / IVFDATA_FILE).exists()
+    if ondisk:  # on-disk lists are always mapped; IO_FLAG_MMAP on them crashes faiss, so never pass it
+        if not (path / IVFDATA_FILE).is_file():
+            raise damaged(path, f"incomplete index, {IVFDATA_FILE} is missing")
+        flags, mmap = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY, True
     try:
-        index = faiss.read_index(str(path / FAISS_FILE), flags)
+        with quiet_stdout():  # faiss prints the on-disk file's new name on stdout (C printf)
+            index = faiss.read_index(str(path / FAISS_FILE), flags)
     except (RuntimeError, MemoryError, ValueError, OverflowError) as e:
         raise damaged(path, f"{FAISS_FILE} cannot be read ({_faiss_reason(e)})") from None
     count, d = manifest["count"], manifest["embedding_dim"]
@@ -252,6 +271,32 @@ def _read_texts(path: Path, count: int) -> pa.Table:
         first = int(np.flatnonzero(ids != np.arange(count))[0])
         raise damaged(path, f"{TEXTS_FILE}'s row {first} has id {ids[first]}; ids must run 0..{count - 1} in order")
     return texts
+
+
+@contextmanager
+def quiet_stdout():
+    """Discard what C code prints on stdout meanwhile (faiss's on-disk lists print their file's
+    name and size): stdout may be a --json document, and -q means quiet."""
+    import ctypes
+    import sys
+
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):
+        yield
+        return
+    libc = ctypes.CDLL(None)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        libc.fflush(None)
+        os.dup2(null, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
 
 
 def _faiss_reason(error: BaseException) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from retriever.errors import IndexFormatError
-from retriever.index.store import FORMAT_VERSION, read_index, read_manifest
+from retriever.index.store import FORMAT_VERSION, ONDISK_FORMAT_VERSION, read_index, read_manifest
 from retriever.index.verify import verify_index
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -71,8 +71,9 @@ def test_a_newer_format_is_refused_in_one_line(tmp_path):
     newer = tmp_path / "newer"
     shutil.copytree(DATA / f"index-format-{FORMAT_VERSION}", newer)
     manifest = json.loads((newer / "manifest.json").read_text())
-    manifest["format_version"] = FORMAT_VERSION + 1
+    newest = max(FORMAT_VERSION, ONDISK_FORMAT_VERSION)
+    manifest["format_version"] = newest + 1
     (newer / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(IndexFormatError, match=f"index format {FORMAT_VERSION + 1}, this retriever reads format") as e:
+    with pytest.raises(IndexFormatError, match=f"index format {newest + 1}, this retriever reads formats") as e:
         read_index(newer, use_gpu=False)
     assert "\n" not in str(e.value) and str(e.value).endswith("newer release: pip install -U caption-retriever")
