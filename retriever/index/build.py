@@ -8,6 +8,7 @@ from the last complete shard when the same command is run again.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,19 +131,31 @@ def _build_locked(corpus_path: str | Path, out: Path, model: LoadedModel, lock: 
     report = CorpusReport()
     encoder = Encoder(model)
     embedded = 0
-    with progress(rows, "embedding", "texts", show_progress_bar) as advance:
+    # Chunk N+1 is read and tokenized (in a thread) while chunk N is encoded, so the model does
+    # not wait on the tokenizer; at most two chunks are in memory.
+    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+    with tokenizing, progress(rows, "embedding", "texts", show_progress_bar) as advance:
         chunk: list[tuple[str, dict]] = []
+        pending: list[tuple[int, list[tuple[str, dict]], Future]] = []  # a chunk waiting to be encoded
         number = 0
         rows_seen = 0
 
+        def encode_pending() -> None:
+            nonlocal embedded
+            if pending:
+                at, items, tokens = pending.pop()
+                vectors = encoder.encode_tokens(tokens.result(), batch_size=batch_size, show_progress_bar=False,
+                                                on_batch=advance)
+                shards.write(at, vectors, _table(items, first_id=at * chunk_size))
+                embedded += len(items)
+
         def flush() -> None:
-            nonlocal number, embedded, rows_seen
+            nonlocal number, rows_seen
             if number >= done_before:
-                texts = [t for t, _ in chunk]
-                vectors = encoder.encode_text(texts, batch_size=batch_size, show_progress_bar=False,
-                                              on_batch=advance)
-                shards.write(number, vectors, _table(chunk, first_id=number * chunk_size))
-                embedded += len(chunk)
+                items = list(chunk)
+                future = tokenizing.submit(encoder.tokenize, [t for t, _ in items])
+                encode_pending()
+                pending.append((number, items, future))
             else:
                 advance(len(chunk))
             consumed = report.rows + len(report.bad_rows)
@@ -151,12 +164,18 @@ def _build_locked(corpus_path: str | Path, out: Path, model: LoadedModel, lock: 
             number += 1
             chunk.clear()
 
-        for item in iter_corpus(corpus_path, column=column, strict=strict, report=report, on_bad_row=on_bad_row):
-            chunk.append(item)
-            if len(chunk) == chunk_size:
+        try:
+            for item in iter_corpus(corpus_path, column=column, strict=strict, report=report,
+                                    on_bad_row=on_bad_row):
+                chunk.append(item)
+                if len(chunk) == chunk_size:
+                    flush()
+            if chunk:
                 flush()
-        if chunk:
-            flush()
+            encode_pending()
+        finally:
+            for _, _, future in pending:  # stopped early (Ctrl-C, a bad row): drop the tokenizing
+                future.cancel()
     count = number
     n, d = report.kept, model.embed_dim
     plan = plan_index(n, d, index_type, max_memory)
