@@ -211,6 +211,7 @@ def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, 
     faiss = import_faiss()
     import numpy as np
 
+    from retriever.index.gpu import training_quantizer
     from retriever.index.ann import TuneResult, exact_neighbors, new_index, perturbed_queries, train_sample_size, tune
 
     index = new_index(plan, d)
@@ -220,9 +221,9 @@ def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, 
     train_n = train_sample_size(plan, n)
     if train_n:
         sample = _sample_rows(shards, sizes, rng.choice(n, size=train_n, replace=False))
-        if use_gpu is not False and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-            ivf = faiss.extract_index_ivf(index)
-            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(d))
+        quantizer = training_quantizer(faiss, d) if use_gpu is not False else None
+        if quantizer is not None:  # k-means on the GPU; the index itself is trained and filled on the CPU
+            faiss.extract_index_ivf(index).clustering_index = quantizer
         try:
             index.train(sample)
         except RuntimeError as e:  # plan_index rules out what is known to fail; this names the rest

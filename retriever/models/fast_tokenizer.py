@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 _WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # ... and the same on lowercased printable ASCII, where \p{L} is a-z, \p{N} 0-9 and \s a space.
 _ASCII_WORDS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^ a-z0-9]+")
+# Between plain texts joined for `_plain_ids`: \x00 is not printable (never inside such a text) and
+# not whitespace (str.split keeps it as a chunk of its own).
+_END_CHUNK = "\x00"
+_END = " \x00 "
 CACHE_WORDS = 1_000_000  # distinct words whose ids are kept (about 150 MB at most); then it starts over
 
 
@@ -86,7 +90,7 @@ class FastClipTokenizer:
         self.sot_token_id = slow.sot_token_id
         self.eot_token_id = slow.eot_token_id
         self._rust_wanted = rust
-        self._cache: dict[str, tuple[int, ...]] = {}
+        self._cache: dict[str, tuple[int, ...]] = {_END_CHUNK: (-1,)}  # where a text ends (_plain_ids)
         self._bpe = _rust_bpe(slow) if rust is not False else None
         if rust and self._bpe is None:
             raise ImportError("Hugging Face tokenizers is not installed: pip install tokenizers")
@@ -124,21 +128,74 @@ class FastClipTokenizer:
         context_length = context_length or self.context_length
         assert context_length, "Please set a valid context length"
         n = len(texts)
-        per_text = self._ids(texts)
-        lengths = np.fromiter(map(len, per_text), dtype=np.int64, count=n)
-        flat = np.fromiter(chain.from_iterable(per_text), dtype=np.int64, count=int(lengths.sum()))
         result = np.zeros((n, context_length), dtype=np.int64)
         if context_length == 1:  # open_clip: [sot, eot] cut to 1, whose last token becomes eot
             result[:, 0] = self.eot_token_id
             return result
-        body = context_length - 2  # room between the start and end tokens
-        rows = np.repeat(np.arange(n), lengths)
-        position = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        keep = position < body  # open_clip: cut to context_length, then the last token becomes eot
-        result[rows[keep], position[keep] + 1] = flat[keep]
-        result[:, 0] = self.sot_token_id
-        result[np.arange(n), np.minimum(lengths, body) + 1] = self.eot_token_id
+        plain = np.fromiter((type(t) is str and t.isascii() and t.isprintable() and "&" not in t for t in texts),
+                            dtype=bool, count=n)
+        if plain.all():
+            self._fill(result, None, *self._plain_ids(texts))
+            return result
+        where = np.flatnonzero(plain)
+        if len(where):
+            self._fill(result, where, *self._plain_ids([texts[i] for i in where]))
+        where = np.flatnonzero(~plain)
+        per_text = self._ids([texts[i] for i in where])
+        lengths = np.fromiter(map(len, per_text), dtype=np.int64, count=len(per_text))
+        flat = np.fromiter(chain.from_iterable(per_text), dtype=np.int64, count=int(lengths.sum()))
+        self._fill(result, where, flat, lengths)
         return result
+
+    def _fill(self, result: np.ndarray, rows: np.ndarray | None, flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Write [sot, ids..., eot] rows, cut as open_clip cuts (the last kept token becomes eot)."""
+        import numpy as np
+
+        body = result.shape[1] - 2  # room between the start and end tokens
+        n = len(lengths)
+        rows = np.arange(n) if rows is None else rows
+        row_of = np.repeat(rows, lengths)
+        position = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        keep = position < body
+        result[row_of[keep], position[keep] + 1] = flat[keep]
+        result[rows, 0] = self.sot_token_id
+        result[rows, np.minimum(lengths, body) + 1] = self.eot_token_id
+
+    def _plain_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(all ids, ids per text) of printable-ASCII texts without '&', in one pass over all of them.
+
+        Their cleaning is whitespace and case only, and open_clip's words never span a space, so
+        a space-separated chunk ("red,") always gives the same ids: the texts are joined (with a
+        chunk that marks where each ends), lowercased and split at once, and each chunk's ids
+        come from the cache.
+        """
+        import numpy as np
+
+        joined = _END.join(texts).lower()
+        if "_of_text>" in joined:  # may name a special token: text by text
+            per_text = self._ids(texts)
+            lengths = np.fromiter(map(len, per_text), dtype=np.int64, count=len(per_text))
+            return np.fromiter(chain.from_iterable(per_text), dtype=np.int64, count=int(lengths.sum())), lengths
+        chunks = joined.split()
+        cache = self._cache
+        try:
+            ids = list(chain.from_iterable(map(cache.__getitem__, chunks)))
+        except KeyError:
+            new = set(chunks).difference(cache)
+            if len(cache) + len(new) > CACHE_WORDS:
+                cache.clear()
+                new = set(chunks)
+            cache[_END_CHUNK] = (-1,)
+            new.discard(_END_CHUNK)
+            words = {chunk: _ASCII_WORDS.findall(chunk) for chunk in new}
+            self._learn(sorted(set(chain.from_iterable(words.values())).difference(cache)))
+            for chunk, parts in words.items():
+                cache[chunk] = tuple(chain.from_iterable(map(cache.__getitem__, parts)))
+            ids = list(chain.from_iterable(map(cache.__getitem__, chunks)))
+        flat = np.array(ids, dtype=np.int64)
+        ends = np.flatnonzero(flat < 0)
+        lengths = np.diff(np.concatenate(([-1], ends, [len(flat)]))) - 1
+        return flat[flat >= 0], lengths
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.LongTensor:
         """The same LongTensor as open_clip's `SimpleTokenizer.__call__`: [len(texts), context_length]."""
@@ -185,7 +242,8 @@ class FastClipTokenizer:
     def _learn(self, new: list[str]) -> None:
         """Put the ids of words not seen before into the cache."""
         if self._bpe is not None:
-            encodings = self._bpe.encode_batch_fast(new, add_special_tokens=False)
+            encode = getattr(self._bpe, "encode_batch_fast", self._bpe.encode_batch)  # _fast: tokenizers >= 0.21
+            encodings = encode(new, add_special_tokens=False)
             self._cache.update(zip(new, (tuple(e.ids) for e in encodings)))
             return
         slow = self.slow
