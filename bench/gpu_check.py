@@ -325,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = 64 if quick else 1024
     start = time.perf_counter()
     check_precision(loaded, texts[:200 if quick else 20_000], images, device, batch)
-    check_flat(20_000 if quick else 1_000_000, 64 if quick else 512, device)
-    check_ivfpq(20_000 if quick else 1_000_000, 64 if quick else 512, 64 if quick else 4096, 16 if quick else 64, device)
+    check_flat(6_000 if quick else 1_000_000, 64 if quick else 512, device)
+    check_ivfpq(5_000 if quick else 1_000_000, 64 if quick else 512, 16 if quick else 4096, 8 if quick else 64, device)
     check_coca(device, 8 if quick else 256, 8 if quick else 64)
     check_finetune(device, 4 if quick else 32, 5 if quick else 20)
     with tempfile.TemporaryDirectory() as tmp:

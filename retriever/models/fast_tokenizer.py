@@ -129,6 +129,8 @@ class FastClipTokenizer:
         assert context_length, "Please set a valid context length"
         n = len(texts)
         result = np.zeros((n, context_length), dtype=np.int64)
+        if n == 0:
+            return result
         if context_length == 1:  # open_clip: [sot, eot] cut to 1, whose last token becomes eot
             result[:, 0] = self.eot_token_id
             return result
