@@ -32,6 +32,6 @@ def test_dry_run_on_the_cpu_prints_one_table_of_passing_checks():
                        capture_output=True, text=True, env=ENV, timeout=1500)
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    assert table[0] == "| check | result | s | ok |" and len(table) == 2 + 9
+    assert table[0] == "| check | result | s | ok |" and len(table) == 2 + 8
     assert all(line.endswith("| yes |") for line in table[2:]), "\n".join(table)
     assert any("k=5000 gave 5000 ids" in line for line in table)
