@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -145,39 +146,18 @@ def _build_locked(corpus_path: str | Path, out: Path, model: LoadedModel, lock: 
     report = CorpusReport()
     encoder = Encoder(model)
     embedded = 0
-    with progress(rows, "embedding", "texts", show_progress_bar) as advance:
+    # Chunk N+1 is read and tokenized (in a thread) while chunk N is encoded, so the model does
+    # not wait on the tokenizer; at most two chunks are in memory. A Ray build embeds on its actors.
+    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+    with tokenizing, progress(rows, "embedding", "texts", show_progress_bar) as advance:
         if ray is not None:
             from retriever.index.distributed import embed_shards
 
             chunks = _numbered_chunks(corpus_path, column, strict, report, on_bad_row, chunk_size)
             number, embedded, done_before = embed_shards(chunks, chunk_size, shards, model, ray, batch_size, advance)
         else:
-            chunk: list[tuple[str, dict]] = []
-            number = 0
-            rows_seen = 0
-
-            def flush() -> None:
-                nonlocal number, embedded, rows_seen
-                if number >= done_before:
-                    texts = [t for t, _ in chunk]
-                    vectors = encoder.encode_text(texts, batch_size=batch_size, show_progress_bar=False,
-                                                  on_batch=advance)
-                    shards.write(number, vectors, _table(chunk, first_id=number * chunk_size))
-                    embedded += len(chunk)
-                else:
-                    advance(len(chunk))
-                consumed = report.rows + len(report.bad_rows)
-                advance(consumed - rows_seen - len(chunk))  # skipped empty/duplicate/bad rows
-                rows_seen = consumed
-                number += 1
-                chunk.clear()
-
-            for item in iter_corpus(corpus_path, column=column, strict=strict, report=report, on_bad_row=on_bad_row):
-                chunk.append(item)
-                if len(chunk) == chunk_size:
-                    flush()
-            if chunk:
-                flush()
+            number, embedded = _embed_locally(corpus_path, column, strict, report, on_bad_row, chunk_size,
+                                              done_before, encoder, batch_size, shards, tokenizing, advance)
     count = number
     n, d = report.kept, model.embed_dim
     plan = plan_index(n, d, index_type, max_memory)
@@ -220,6 +200,55 @@ def _build_locked(corpus_path: str | Path, out: Path, model: LoadedModel, lock: 
     return BuildResult(path, report, time.perf_counter() - start, embedded, min(done_before, count), index_info)
 
 
+def _embed_locally(corpus_path, column, strict, report, on_bad_row, chunk_size: int, done_before: int,
+                   encoder, batch_size: int, shards: ShardDir, tokenizing: ThreadPoolExecutor,
+                   advance: Callable[[int], None]) -> tuple[int, int]:
+    """Embed the corpus chunk by chunk into `shards`, skipping the first `done_before` chunks
+    (written by an earlier run). Returns (chunks seen, texts embedded now)."""
+    chunk: list[tuple[str, dict]] = []
+    pending: list[tuple[int, list[tuple[str, dict]], Future]] = []  # a chunk waiting to be encoded
+    number = 0
+    rows_seen = 0
+    embedded = 0
+
+    def encode_pending() -> None:
+        nonlocal embedded
+        if pending:
+            at, items, tokens = pending.pop()
+            vectors = encoder.encode_tokens(tokens.result(), batch_size=batch_size, show_progress_bar=False,
+                                            on_batch=advance)
+            shards.write(at, vectors, _table(items, first_id=at * chunk_size))
+            embedded += len(items)
+
+    def flush() -> None:
+        nonlocal number, rows_seen
+        if number >= done_before:
+            items = list(chunk)
+            future = tokenizing.submit(encoder.tokenize, [t for t, _ in items])
+            encode_pending()
+            pending.append((number, items, future))
+        else:
+            advance(len(chunk))
+        consumed = report.rows + len(report.bad_rows)
+        advance(consumed - rows_seen - len(chunk))  # skipped empty/duplicate/bad rows
+        rows_seen = consumed
+        number += 1
+        chunk.clear()
+
+    try:
+        for item in iter_corpus(corpus_path, column=column, strict=strict, report=report, on_bad_row=on_bad_row):
+            chunk.append(item)
+            if len(chunk) == chunk_size:
+                flush()
+        if chunk:
+            flush()
+        encode_pending()
+    finally:
+        for _, _, future in pending:  # stopped early (Ctrl-C, a bad row): drop the tokenizing
+            future.cancel()
+    return number, embedded
+
+
 def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, use_gpu: bool | None,
               fill: Callable | None = None):
     """Train (on a random sample across all shards), fill and tune the FAISS index from the shards.
@@ -231,6 +260,7 @@ def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, 
     import numpy as np
 
     from retriever.index.ann import TuneResult, exact_neighbors, new_index, perturbed_queries, train_sample_size, tune
+    from retriever.index.gpu import training_quantizer
 
     index = new_index(plan, d)
     sizes = [len(shards.vectors(i)) for i in range(count)]
@@ -239,9 +269,9 @@ def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, 
     train_n = train_sample_size(plan, n)
     if train_n:
         sample = _sample_rows(shards, sizes, rng.choice(n, size=train_n, replace=False))
-        if use_gpu is not False and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-            ivf = faiss.extract_index_ivf(index)
-            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(d))
+        quantizer = training_quantizer(faiss, d) if use_gpu is not False else None
+        if quantizer is not None:  # k-means on the GPU; the index itself is trained and filled on the CPU
+            faiss.extract_index_ivf(index).clustering_index = quantizer
         try:
             index.train(sample)
         except RuntimeError as e:  # plan_index rules out what is known to fail; this names the rest

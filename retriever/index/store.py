@@ -23,12 +23,13 @@ import os
 import shutil
 from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retriever.errors import IndexFormatError
 from retriever.index.faiss_import import import_faiss
+from retriever.index.gpu import Placement, gpu_search, place, set_gpu_params
 from retriever.index.lock import BuildLock
 from retriever.index.publish import check_out, new_temp_dir, publish, recover, wait_for_publish
 from retriever.index.verify import check_manifest, check_scores, check_sizes, damaged, file_records
@@ -55,8 +56,9 @@ class TextIndex:
 
     path: Path
     manifest: dict
-    faiss_index: Any
+    faiss_index: Any  # always the CPU index; a GPU copy, if any, is in `placement`
     texts: pa.Table
+    placement: Placement = field(default_factory=Placement)
 
     def __len__(self) -> int:
         return int(self.faiss_index.ntotal)
@@ -66,9 +68,13 @@ class TextIndex:
         import numpy as np
 
         xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
-        D, I = self.faiss_index.search(xq, min(k, len(self)))
+        D, I = self.faiss_search(xq, min(k, len(self)))
         check_scores(self.path, D, I)
         return D, I
+
+    def faiss_search(self, xq: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """The FAISS search itself: on the GPU copy where it can answer (k, parameters), else on the CPU."""
+        return gpu_search(self.placement, self.faiss_index, xq, k, params)
 
     def rows(self, ids: list[int]) -> list[dict]:
         """The stored id, text and metadata of each row id, as dicts."""
@@ -237,13 +243,15 @@ def read_index(path: str | Path, use_gpu: bool | None = None, mmap: bool | None 
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise damaged(path, f"{FAISS_FILE} does not rank by inner product")
     texts = _read_texts(path, count)
-    if use_gpu is not False and not mmap and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
+    params = manifest.get("search_params") or {}
     try:
-        apply_search_params(index, manifest.get("search_params") or {})
+        apply_search_params(index, params)
     except RuntimeError as e:
         raise damaged(path, f"manifest.json's search_params do not fit {FAISS_FILE} ({_faiss_reason(e)})") from None
-    return TextIndex(path, manifest, index, texts)
+    # Only what faiss-gpu supports goes to the GPU (gpu.py); a memory-mapped index stays mapped.
+    placement = place(faiss, index) if use_gpu is not False and not mmap else Placement(reason="kept on the CPU")
+    set_gpu_params(faiss, placement, params)
+    return TextIndex(path, manifest, index, texts, placement)
 
 
 def _read_texts(path: Path, count: int) -> pa.Table:

@@ -89,17 +89,40 @@ class Encoder:
             normalize: L2-normalise each vector.
             on_batch: called with the number of texts after each batch (for callers' own progress).
         """
+        single = isinstance(texts, str)
+        items: list[str] = [texts] if isinstance(texts, str) else list(texts)
+        out = self.encode_tokens(self.tokenize(items), batch_size, show_progress_bar, normalize, on_batch)
+        return out[0] if single else out
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """The model's token ids for `texts`, [len(texts), context_length] (for `encode_tokens`).
+
+        Separate from encoding so that a build can tokenize the next chunk in a thread while
+        this one is encoded.
+        """
+        import torch
+
+        if not texts:
+            return torch.zeros((0, self.loaded.context_length), dtype=torch.long)
+        return self.loaded.tokenizer(list(texts))
+
+    def encode_tokens(
+        self,
+        tokens: torch.Tensor,
+        batch_size: int = 256,
+        show_progress_bar: bool | None = None,
+        normalize: bool = True,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Embed tokenized texts (`tokenize`'s output): a 2-D array, one row each, in input order."""
         import numpy as np
         import torch
 
-        single = isinstance(texts, str)
-        items = [texts] if single else list(texts)
-        tokens = self.loaded.tokenizer(items) if items else torch.zeros((0, self.loaded.context_length), dtype=torch.long)
         lengths = (tokens != 0).sum(dim=1)
         order = torch.argsort(lengths, descending=True, stable=True)
-        out = np.empty((len(items), self.dim), dtype=np.float32)
-        with torch.inference_mode(), progress(len(items), "encoding texts", "texts", show_progress_bar) as advance:
-            for start in range(0, len(items), batch_size):
+        out = np.empty((len(tokens), self.dim), dtype=np.float32)
+        with torch.inference_mode(), progress(len(tokens), "encoding texts", "texts", show_progress_bar) as advance:
+            for start in range(0, len(tokens), batch_size):
                 idx = order[start:start + batch_size]
                 batch = tokens[idx].to(self.loaded.device)
                 features = encode_text_tokens(self.loaded.model, batch, self.trim_padding).float()
@@ -109,7 +132,7 @@ class Encoder:
                 advance(len(idx))
                 if on_batch:
                     on_batch(len(idx))
-        return out[0] if single else out
+        return out
 
     def encode_image(
         self,

@@ -197,8 +197,16 @@ def split_model_ref(ref: str) -> tuple[str, str | None]:
 
 
 def wrap_model(spec: ModelSpec, model: Any, preprocess: Any, tokenizer: Any, fingerprint: str, device: str) -> LoadedModel:
-    """A LoadedModel around an open_clip model built elsewhere (benchmarks, training)."""
+    """A LoadedModel around an open_clip model built elsewhere (benchmarks, training).
+
+    open_clip's CLIP BPE tokenizer is swapped for `FastClipTokenizer` (the same ids, many times
+    faster; RETRIEVER_TOKENIZER=open_clip keeps open_clip's own).
+    """
+    from retriever.models.fast_tokenizer import fast_tokenizer
+
     model.eval()
+    if os.environ.get("RETRIEVER_TOKENIZER", "fast") != "open_clip":
+        tokenizer = fast_tokenizer(tokenizer)
     context_length: Any = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77)
     context_length = int(context_length)
     if preprocess is not None and not isinstance(preprocess, SafePreprocess):

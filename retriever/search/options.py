@@ -189,8 +189,8 @@ def _candidates(index: TextIndex, xq: np.ndarray, fetch: int, mask: np.ndarray |
             return D, I
     params, keep_alive = search_parameters(index, mask)
     if params is None:
-        return index.faiss_index.search(xq, fetch)
-    D, I = index.faiss_index.search(xq, fetch, params=params)
+        return index.faiss_search(xq, fetch)
+    D, I = index.faiss_search(xq, fetch, params=params)
     del keep_alive  # the bitmap must live until the search has run
     return D, I
 
