@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from retriever.corpus.cjk import dedupe_key
 from retriever.errors import ImageError, MissingExtraError, RetrieverError
 
 if TYPE_CHECKING:
@@ -232,7 +233,7 @@ def _bool_param(value: Any) -> bool:
 def _dedupe(hits: list) -> list:
     seen, kept = set(), []
     for hit in hits:
-        key = " ".join(hit.text.lower().split())
+        key = dedupe_key(hit.text, fold_case=True)
         if key not in seen:
             seen.add(key)
             kept.append(hit)
