@@ -165,21 +165,33 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
             raise ModelError(f"unknown model {name!r}; `retriever models` lists the available ones")
         check_model_config(open_clip.get_model_config(name) or {}, name)
         open_clip_name = name
+        text_dir = _hf_text_dir(open_clip.get_model_config(name) or {}, str(spec))
         if random_weights:
             open_clip_pretrained, fingerprint = None, ""
         else:
             open_clip_pretrained, fingerprint, kwargs = _resolve_weights(name, pretrained)
             if os.path.isfile(open_clip_pretrained):  # a tag still to download is checked by open_clip's loader
                 check_checkpoint(open_clip_pretrained)
+        if text_dir is not None:
+            # The cached copy by path: neither open_clip nor transformers then asks the hub for it.
+            text_cfg = {**open_clip.get_model_config(name)["text_cfg"], "hf_model_name": str(text_dir),
+                        "hf_tokenizer_name": str(text_dir), "hf_model_pretrained": False}
+            kwargs["text_cfg"] = text_cfg
 
     if random_weights:
         spec.pretrained, open_clip_pretrained, fingerprint = None, None, f"random:{name}"
-        kwargs = {"load_weights": False}
+        kwargs = {"load_weights": False, **({"text_cfg": kwargs["text_cfg"]} if "text_cfg" in kwargs else {})}
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             open_clip_name, pretrained=open_clip_pretrained, device=device, precision=precision, **kwargs
         )
-        tokenizer = open_clip.get_tokenizer(open_clip_name)
+        if "text_cfg" in kwargs:
+            text_cfg = kwargs["text_cfg"]
+            tokenizer = open_clip.tokenizer.HFTokenizer(
+                text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77),
+                tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
+        else:
+            tokenizer = open_clip.get_tokenizer(open_clip_name)
     except ModelError:
         raise
     except Exception as e:  # user files reach open_clip, timm and safetensors: any type can come back
@@ -196,6 +208,40 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     loaded = wrap_model(spec, model, preprocess, tokenizer, fingerprint, device)
     loaded.extra.update(open_clip_name=open_clip_name, quick_gelu=bool(kwargs.get("force_quick_gelu")))
     return loaded
+
+
+# Files a Hugging Face text tower needs besides open_clip's weights: its config and a tokenizer.
+HF_TEXT_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "sentencepiece.bpe.model")
+
+
+def _hf_text_dir(model_cfg: dict, what: str) -> Path | None:
+    """The local copy of a Hugging Face text tower's config and tokenizer (multilingual models such
+    as `xlm-roberta-base-ViT-B-32`), None when the model has no such tower.
+
+    Raises:
+        ModelError: not cached and the hub cannot be reached (at once, naming the repository and files).
+    """
+    text_cfg = model_cfg.get("text_cfg") or {}
+    repo = text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name")
+    if not repo:
+        return None
+    if Path(repo).is_dir():
+        return Path(repo)
+    from huggingface_hub import try_to_load_from_cache
+
+    found = {f: try_to_load_from_cache(repo, f) for f in HF_TEXT_FILES}
+    config = found["config.json"]
+    if isinstance(config, str) and any(isinstance(found[f], str) for f in HF_TEXT_FILES[2:]):
+        return Path(config).parent
+    what = (f"{what}'s text tower ({repo} on the Hugging Face hub: `huggingface-cli download {repo} "
+            f"{' '.join(HF_TEXT_FILES)}`)")
+    _probe("https://" + _hub_host(), what)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, allow_patterns=list(HF_TEXT_FILES)))
+    except Exception as e:  # missing repo, HTTP errors
+        raise ModelError(f"{what}: cannot download ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
 
 
 def _chinese_clip_dir(name: str) -> Path | None:
