@@ -12,8 +12,11 @@ checkpoint (`cn_clip_config.json` + safetensors).
 Like the v2 English toy: every image is drawn in a random training style, the model also learns
 partial captions (红色, 五角星, 左边, 红色五角星, ...), and progress lines report R@1 on the
 held-out styles. Two additions for a Chinese corpus:
-- the image tower starts from the English `toyworld`'s (the same ViT, as cn_clip's is OpenAI's),
-  so a few hundred CPU steps suffice (`--no-warm-start` trains from scratch);
+- the image tower starts from the English `toyworld`'s (the same ViT, as cn_clip's is OpenAI's);
+  its first layers stay frozen, so their output for the pre-rendered pool is computed once, and
+  only its last `--train-blocks` blocks, the Chinese text tower and the temperature are trained
+  (a few CPU-minutes per hundred steps; `--train-image-tower` trains all of it, much more slowly).
+  The last blocks learn the v2 rendering variety the English v1 tower never saw;
 - each batch also scores every image against 256 Chinese lines that describe no scene (random
   characters from the whole vocabulary, and captions with a colour, shape, size or position
   outside the world), so unseen characters learn to match nothing. `distractor_lines` draws
@@ -87,40 +90,87 @@ def distractor_lines(n: int, seed: int, words: str = "train") -> list[str]:
     return [lines[i] for i in rng.permutation(len(lines))]
 
 
+def trunk(model, pixels: torch.Tensor, frozen: int) -> torch.Tensor:
+    """The image tower's tokens after its first `frozen` blocks (open_clip's VisionTransformer.forward, split)."""
+    v = model.visual
+    x = v.conv1(pixels.to(v.conv1.weight.dtype))
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1) + v.positional_embedding
+    x = v.ln_pre(x)
+    for block in v.transformer.resblocks[:frozen]:
+        x = block(x)
+    return x
+
+
+def head(model, tokens: torch.Tensor, frozen: int) -> torch.Tensor:
+    """The rest of the image tower, from `trunk`'s tokens to normalised image features."""
+    v = model.visual
+    for block in v.transformer.resblocks[frozen:]:
+        tokens = block(tokens)
+    return torch.nn.functional.normalize(v.ln_post(tokens[:, 0]) @ v.proj, dim=-1)
+
+
 @torch.inference_mode()
-def recall_at_1(model, tokenizer, preprocess, n: int = 512, seed: int = 10_000, style: str | None = "random") -> float:
-    model.eval()
-    captions = toyworld.all_captions("zh")
-    text = model.encode_text(tokenizer(captions), normalize=True)
+def image_features_of(model, pixels: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    return torch.cat([model.encode_image(pixels[i:i + batch].float(), normalize=True) for i in range(0, len(pixels), batch)])
+
+
+@torch.inference_mode()
+def trunk_of(model, pixels: torch.Tensor, frozen: int, batch: int = 512) -> torch.Tensor:
+    return torch.cat([trunk(model, pixels[i:i + batch].float(), frozen) for i in range(0, len(pixels), batch)])
+
+
+def held_out_set(preprocess, n: int, seed: int, style: str | None) -> tuple[torch.Tensor, list[str]]:
+    """(pixels, captions) of `n` renders no training image shares (another seed, or a held-out style)."""
     pairs = list(toyworld.sample(n, seed=seed, style=style, lang="zh"))
-    image_features = model.encode_image(torch.stack([preprocess(img) for img, _ in pairs]), normalize=True)
-    best = (image_features @ text.T).argmax(dim=1).tolist()
+    return torch.stack([preprocess(img) for img, _ in pairs]), [c for _, c in pairs]
+
+
+@torch.inference_mode()
+def recall_at_1(model, tokenizer, pixels: torch.Tensor, captions: list[str]) -> float:
+    model.eval()
+    features = image_features_of(model, pixels)
+    names = toyworld.all_captions("zh")
+    best = (features @ model.encode_text(tokenizer(names), normalize=True).T).argmax(dim=1).tolist()
     model.train()
-    return sum(captions[b] == cap for b, (_, cap) in zip(best, pairs)) / n
+    return sum(names[b] == c for b, c in zip(best, captions)) / len(captions)
 
 
 def main() -> None:
-    parser = training_args(__doc__, steps=800, variants=64, eval_every=200)
+    parser = training_args(__doc__, steps=600, variants=64, eval_every=100)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--partial-weight", type=float, default=0.5, help="weight of the partial-caption loss")
     parser.add_argument("--negatives", type=int, default=256, help="distractor lines per batch")
-    parser.add_argument("--no-warm-start", action="store_true", help="train the image tower from scratch too")
+    parser.add_argument("--train-image-tower", action="store_true", help="train all of the image tower (slow on a CPU)")
+    parser.add_argument("--train-blocks", type=int, default=1, help="last image-tower blocks to train (the rest stay frozen)")
     args = parser.parse_args()
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     model = ChineseCLIP(MODEL_CFG)
-    if not args.no_warm_start:
-        english = {k: v.float() for k, v in load_file(str(ENGLISH)).items() if k.startswith("visual.")}
-        model.load_state_dict(english, strict=False)
+    english = {k: v.float() for k, v in load_file(str(ENGLISH)).items() if k.startswith("visual.")}
+    model.load_state_dict(english, strict=False)
+    frozen = 0 if args.train_image_tower else len(model.visual.transformer.resblocks) - args.train_blocks
+    if not args.train_image_tower:
+        model.visual.requires_grad_(False)
+        for module in (*model.visual.transformer.resblocks[frozen:], model.visual.ln_post):
+            module.requires_grad_(True)
+        model.visual.proj.requires_grad_(True)
     preprocess = preprocess_for(MODEL_CFG["image_resolution"])
     tokenizer = WordPieceTokenizer(context_length=CONTEXT_LENGTH)
-    optimizer = adamw(model, args.lr)
+    optimizer = adamw(model, args.lr)  # frozen parameters get no gradient, so AdamW leaves them as they are
 
     scenes = toyworld.all_scenes()
     pool = render_pool(scenes, preprocess, args.variants, args.seed)
+    if not args.train_image_tower:
+        pool_tokens = trunk_of(model, pool.flatten(0, 1), frozen).view(*pool.shape[:2], -1, MODEL_CFG["vision_width"])
+        with torch.inference_mode():  # the split tower is the tower
+            assert torch.allclose(head(model, trunk(model, pool[0, :8].float(), frozen), frozen),
+                                  model.encode_image(pool[0, :8].float(), normalize=True), atol=1e-4)
+    checks = {"random": held_out_set(preprocess, 512, 10_000, "random")}
+    checks |= {name: held_out_set(preprocess, 256, 10_000, name) for name in toyworld.HELD_OUT_STYLES}
     all_tokens = tokenizer([s.caption_zh for s in scenes])
     partial_texts = [list(dict.fromkeys(zh(t, s) for s in scenes)) for t in PARTIAL_TEMPLATES_ZH]
     partial_tokens = tokenizer([text for texts in partial_texts for text in texts])
@@ -136,8 +186,10 @@ def main() -> None:
             group["lr"] = cosine_lr(step, args.lr, args.warmup, args.steps)
         order = torch.randperm(len(scenes), generator=generator)
         variant = torch.randint(args.variants, (len(order),), generator=generator)
-        images = pool[variant, order].float()
-        image_features = model.encode_image(images, normalize=True)
+        if args.train_image_tower:
+            image_features = model.encode_image(pool[variant, order].float(), normalize=True)
+        else:
+            image_features = head(model, pool_tokens[variant, order], frozen)
         text_features = model.encode_text(all_tokens[order], normalize=True)
         pick = torch.randint(len(negative_tokens), (args.negatives,), generator=generator)
         negatives = model.encode_text(negative_tokens[pick], normalize=True)
@@ -156,24 +208,31 @@ def main() -> None:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            r1 = recall_at_1(model, tokenizer, preprocess)
-            held_out = {name: recall_at_1(model, tokenizer, preprocess, n=256, style=name) for name in toyworld.HELD_OUT_STYLES}
+            r1 = recall_at_1(model, tokenizer, *checks["random"])
+            held_out = {name: recall_at_1(model, tokenizer, *check) for name, check in checks.items() if name != "random"}
             shown = "  ".join(f"{name} {r:.3f}" for name, r in held_out.items())
             print(f"step {step + 1:5d}  loss {loss.item():.4f}  held-out R@1 {r1:.3f}  styles: {shown}  "
                   f"{time.perf_counter() - start:.0f}s", flush=True)
+            save(model, args, step + 1, start, r1, held_out)  # the latest, so a run can be stopped at any eval
+
+
+def save(model, args, steps: int, start: float, r1: float, held_out: dict) -> None:
+    from safetensors.torch import save_file
 
     args.out.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": MODEL_CFG, "context_length": CONTEXT_LENGTH, "training": {
-        "script": "scripts/train_toyworld_zh.py", "steps": args.steps, "seed": args.seed, "lr": args.lr,
+        "script": "scripts/train_toyworld_zh.py", "steps": steps, "planned_steps": args.steps, "seed": args.seed, "lr": args.lr,
         "threads": args.threads, "variants": args.variants, "negatives": args.negatives,
-        "warm_start": None if args.no_warm_start else "toyworld (image tower)",
+        "image_tower": "from toyworld's, all trained" if args.train_image_tower else
+                       f"from toyworld's, last {args.train_blocks} block(s) trained",
         "seconds": round(time.perf_counter() - start), "heldout_r_at_1": r1, "heldout_styles_r_at_1": held_out,
         "partial_weight": args.partial_weight,
     }}
     (args.out / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(args.out / WEIGHTS_FILE))
-    print(f"saved {args.out}")
+    (args.out / WEIGHTS_FILE).chmod(0o644)
+    print(f"saved {args.out} (step {steps})", flush=True)
 
 
 if __name__ == "__main__":
