@@ -137,12 +137,13 @@ def recall_at_1(model, tokenizer, pixels: torch.Tensor, captions: list[str]) -> 
 
 
 def main() -> None:
-    parser = training_args(__doc__, steps=600, variants=64, eval_every=100)
+    parser = training_args(__doc__, steps=250, variants=32, eval_every=50)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--partial-weight", type=float, default=0.5, help="weight of the partial-caption loss")
-    parser.add_argument("--negatives", type=int, default=256, help="distractor lines per batch")
+    parser.add_argument("--negatives", type=int, default=64, help="distractor lines per batch")
     parser.add_argument("--train-image-tower", action="store_true", help="train all of the image tower (slow on a CPU)")
-    parser.add_argument("--train-blocks", type=int, default=1, help="last image-tower blocks to train (the rest stay frozen)")
+    parser.add_argument("--train-blocks", type=int, default=2, help="last image-tower blocks to train (the rest stay frozen)")
+    parser.set_defaults(lr=2e-3, warmup=20)  # the bundled weights' run
     args = parser.parse_args()
 
     from safetensors.torch import load_file
