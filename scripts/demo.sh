@@ -11,6 +11,10 @@ $R query examples/red_star.png --index indexes/toyworld -k 5
 echo "== freshly generated images (their true captions are in the file names)"
 $R toy-images indexes/demo-images -n 3 --seed 42
 $R query indexes/demo-images --index indexes/toyworld -k 3
+echo "== 中文: a Chinese corpus indexed with the bundled Chinese toy model (toyworld-zh), queried by image and by a Chinese text"
+$R build-index examples/toyworld-zh.tsv --model toyworld-zh --out indexes/toyworld-zh --overwrite
+$R query examples/red_star.png --index indexes/toyworld-zh -k 3
+$R query --text "左边的红色五角星" --index indexes/toyworld-zh -k 3
 echo "== captions written by the bundled toy CoCa, then hybrid mode: retrieved and generated captions reranked"
 echo "   (a generated caption that the index already holds is listed once, as retrieved)"
 $R caption indexes/demo-images --generator toyworld-coca

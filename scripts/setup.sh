@@ -37,4 +37,9 @@ pip install --no-deps clip-interrogator==0.6.0
 # clip-benchmark only for its zero-shot retrieval evaluator, which `retriever eval`'s recall is
 # checked against (that module needs torch and tqdm alone; the rest of its deps are not needed).
 pip install --no-deps clip-benchmark==1.6.2
+# cn_clip only for the Chinese-CLIP parity tests (tests/models/test_cnclip.py), which compare retriever's
+# vectors with its reference code. --no-deps: it pins lmdb==1.3.0 (no wheels for current Pythons) for its
+# training code, which is not used; its model and tokenizer code need six besides torch.
+pip install six
+pip install --no-deps cn_clip==1.6.0
 .venv/bin/python -c "import retriever, torch, open_clip, faiss, ray"

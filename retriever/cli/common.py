@@ -25,8 +25,8 @@ app = typer.Typer(
 )
 
 DEFAULT_INDEX_ROOT = Path("indexes")
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="toyworld (bundled, offline), an open_clip name like ViT-B-32, hf-hub:ORG/NAME or local-dir:PATH.")]
-PretrainedOpt = Annotated[Optional[str], typer.Option(help="Pretrained tag (e.g. laion2b_s34b_b79k) or a checkpoint file, for an open_clip name.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="toyworld or toyworld-zh (bundled, offline), an open_clip name like ViT-B-32 or xlm-roberta-base-ViT-B-32, a Chinese-CLIP model like cn-clip:ViT-B-16, hf-hub:ORG/NAME or local-dir:PATH.")]
+PretrainedOpt = Annotated[Optional[str], typer.Option(help="Pretrained tag (e.g. laion2b_s34b_b79k) or a checkpoint file, for an open_clip name; for cn-clip:ARCH a checkpoint in cn_clip's format (default: the released weights).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda, mps or cpu; default: the best available.")]
 PrecisionOpt = Annotated[str, typer.Option(help="fp32, or fp16/bf16 (for GPUs).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")]

@@ -77,7 +77,7 @@ def _print(result: Any) -> None:
     console.print(retrieval)
     rows = Table("options", "k", "top-1 true", "intra-list sim", "relevance", "distinct per list")
     for row in result.rows:
-        rows.add_row(json.dumps(row["options"], default=str), str(row["k"]), f"{row['top1_true_caption']:.3f}",
+        rows.add_row(json.dumps(row["options"], ensure_ascii=False, default=str), str(row["k"]), f"{row['top1_true_caption']:.3f}",
                      f"{row['intra_list_similarity']:.3f}", f"{row['mean_relevance']:.3f}",
                      ", ".join(f"{c} {v:.2f}" for c, v in row["distinct_per_list"].items()) or "-")
     console.print(rows)

@@ -410,18 +410,21 @@ def toy_images(
     out: Annotated[Path, typer.Argument(help="Folder to write PNGs and captions.tsv into.")],
     n: Annotated[int, typer.Option("-n", min=1, help="How many images.")] = 8,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    lang: Annotated[str, typer.Option(help="Caption language: en (for toyworld) or zh (for toyworld-zh, e.g. 左边有一个大的红色五角星).")] = "en",
 ) -> None:
     """Write toy-world images (the world the bundled model knows) with a captions.tsv.
 
-    Example: retriever toy-images demo/ -n 4
+    Example: retriever toy-images demo/ -n 4   (Chinese captions: --lang zh)
     """
     from retriever.models import toyworld
 
+    if lang not in toyworld.LANGS:
+        raise typer.BadParameter(f"use one of {', '.join(toyworld.LANGS)}", param_hint="--lang")
     out.mkdir(parents=True, exist_ok=True)
     lines = ["filepath\ttitle"]
-    for i, (image, caption) in enumerate(toyworld.sample(n, seed=seed)):
+    for i, (image, caption) in enumerate(toyworld.sample(n, seed=seed, lang=lang)):
         name = f"{i:04d}_{caption.replace(' ', '_')}.png"
         image.save(out / name)
         lines.append(f"{name}\t{caption}")
-    (out / "captions.tsv").write_text("\n".join(lines) + "\n")
+    (out / "captions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     stderr(f"wrote {n} images and captions.tsv to {out}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from retriever.atomic import write_text_atomic
+from retriever.corpus.cjk import dedupe_key, squash_spaces
 from retriever.corpus.files import check_regular_file, read_sample
 from retriever.errors import CorpusError
 
@@ -76,9 +77,10 @@ class _Image:
 
 
 def clean_caption(text: str) -> str:
-    """One line of text: control characters and runs of whitespace become single spaces, and lone
-    surrogates the replacement character U+FFFD."""
-    return " ".join(_CONTROL.sub(" ", _SURROGATE.sub("\ufffd", text)).split())
+    """One line of text: control characters and runs of whitespace become single spaces (none
+    between Chinese characters: word-segmented captions such as COCO-CN's `一个 男人` are joined
+    back), and lone surrogates the replacement character U+FFFD."""
+    return squash_spaces(_CONTROL.sub(" ", _SURROGATE.sub("\ufffd", text)))
 
 
 def convert_coco(
@@ -167,10 +169,11 @@ def convert_coco(
             found = image.candidates[0]
         if captions_only:
             for caption in captions:
-                if caption in seen[image.split]:
+                key = dedupe_key(caption)  # full- and half-width forms alike
+                if key in seen[image.split]:
                     report.duplicates += 1
                     continue
-                seen[image.split].add(caption)
+                seen[image.split].add(key)
                 rows[image.split].append(caption)
                 report.captions += 1
         else:

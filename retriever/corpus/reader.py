@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retriever.corpus.cjk import dedupe_key
 from retriever.corpus.files import SAMPLE_BYTES, read_sample, sniff_text
 from retriever.corpus.values import clean_text, has_surrogates, json_kind, metadata, text_value, unique_names
 from retriever.errors import CorpusError
@@ -129,7 +130,8 @@ def iter_corpus(
         if not text:
             report.empty += 1
             continue
-        key = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+        # Full- and half-width forms, and spaces between Chinese characters, don't make a new text.
+        key = int.from_bytes(hashlib.blake2b(dedupe_key(text).encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
         if key in seen:
             report.duplicates += 1
             continue

@@ -65,14 +65,20 @@ def bundled_models() -> list[str]:
     """Names of the models that ship inside the package (trained by scripts/ on the toy world)."""
     if not BUNDLED_DIR.is_dir():
         return []
-    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "open_clip_config.json").is_file())
+    return sorted(p.name for p in BUNDLED_DIR.iterdir()
+                  if (p / "open_clip_config.json").is_file() or (p / "cn_clip_config.json").is_file())
 
 
 def list_models() -> list[dict]:
     """Every model `load_model` can take: bundled ones, and open_clip's pretrained tags with cache state."""
     import open_clip
 
+    from retriever.models import cnclip
+
     rows = [{"model": name, "pretrained": None, "source": "bundled", "available_offline": True} for name in bundled_models()]
+    for arch in cnclip.ARCHS:
+        rows.append({"model": cnclip.PREFIX + arch, "pretrained": None, "source": "hf-hub",
+                     "available_offline": cnclip.cached_hub_weights(arch) is not None})
     for name, tag in open_clip.list_pretrained():
         cfg = open_clip.get_pretrained_cfg(name, tag)
         rows.append({
@@ -111,10 +117,11 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     """Load an open_clip model for encoding.
 
     Args:
-        name: a bundled model (`toyworld`), an open_clip architecture (`ViT-B-32`),
-            `hf-hub:org/name`, or `local-dir:path`.
+        name: a bundled model (`toyworld`, `toyworld-zh`), an open_clip architecture (`ViT-B-32`),
+            a Chinese-CLIP architecture (`cn-clip:ViT-B-16`), `hf-hub:org/name`, or `local-dir:path`.
         pretrained: for an architecture name, a pretrained tag (`laion2b_s34b_b79k`) or a
-            checkpoint file (`.safetensors`, `.pt`, `.bin`); ignored for the other kinds.
+            checkpoint file (`.safetensors`, `.pt`, `.bin`; for `cn-clip:` a checkpoint in
+            cn_clip's format, else the released weights); ignored for the other kinds.
         device: `cuda`, `mps`, `cpu`, or None to pick the best available.
         precision: `fp32`, or `fp16` / `bf16` to halve memory and speed up GPUs (outputs are
             still returned as float32).
@@ -131,6 +138,9 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     if precision not in ("fp32", "fp16", "bf16"):
         raise ModelError(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
     kwargs: dict[str, Any] = {}
+    chinese = _chinese_clip_dir(name)
+    if chinese is not None or name.startswith("cn-clip:"):
+        return _load_chinese_clip(spec, chinese, device, precision, random_weights)
     # Every kind of reference has its config sized and its pickled weights opened safely before
     # open_clip builds anything: the reference may come from a downloaded index's manifest.
     if name in bundled_models() or name.startswith("local-dir:"):
@@ -155,21 +165,33 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
             raise ModelError(f"unknown model {name!r}; `retriever models` lists the available ones")
         check_model_config(open_clip.get_model_config(name) or {}, name)
         open_clip_name = name
+        text_dir = _hf_text_dir(open_clip.get_model_config(name) or {}, str(spec))
         if random_weights:
             open_clip_pretrained, fingerprint = None, ""
         else:
             open_clip_pretrained, fingerprint, kwargs = _resolve_weights(name, pretrained)
             if os.path.isfile(open_clip_pretrained):  # a tag still to download is checked by open_clip's loader
                 check_checkpoint(open_clip_pretrained)
+        if text_dir is not None:
+            # The cached copy by path: neither open_clip nor transformers then asks the hub for it.
+            text_cfg = {**open_clip.get_model_config(name)["text_cfg"], "hf_model_name": str(text_dir),
+                        "hf_tokenizer_name": str(text_dir), "hf_model_pretrained": False}
+            kwargs["text_cfg"] = text_cfg
 
     if random_weights:
         spec.pretrained, open_clip_pretrained, fingerprint = None, None, f"random:{name}"
-        kwargs = {"load_weights": False}
+        kwargs = {"load_weights": False, **({"text_cfg": kwargs["text_cfg"]} if "text_cfg" in kwargs else {})}
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             open_clip_name, pretrained=open_clip_pretrained, device=device, precision=precision, **kwargs
         )
-        tokenizer = open_clip.get_tokenizer(open_clip_name)
+        if "text_cfg" in kwargs:
+            text_cfg = kwargs["text_cfg"]
+            tokenizer = open_clip.tokenizer.HFTokenizer(
+                text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77),
+                tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
+        else:
+            tokenizer = open_clip.get_tokenizer(open_clip_name)
     except ModelError:
         raise
     except Exception as e:  # user files reach open_clip, timm and safetensors: any type can come back
@@ -185,6 +207,99 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
         torch.nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
     loaded = wrap_model(spec, model, preprocess, tokenizer, fingerprint, device)
     loaded.extra.update(open_clip_name=open_clip_name, quick_gelu=bool(kwargs.get("force_quick_gelu")))
+    return loaded
+
+
+# Files a Hugging Face text tower needs besides open_clip's weights: its config and a tokenizer.
+HF_TEXT_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "sentencepiece.bpe.model")
+
+
+def _hf_text_dir(model_cfg: dict, what: str) -> Path | None:
+    """The local copy of a Hugging Face text tower's config and tokenizer (multilingual models such
+    as `xlm-roberta-base-ViT-B-32`), None when the model has no such tower.
+
+    Raises:
+        ModelError: not cached and the hub cannot be reached (at once, naming the repository and files).
+    """
+    text_cfg = model_cfg.get("text_cfg") or {}
+    repo = text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name")
+    if not repo:
+        return None
+    if Path(repo).is_dir():
+        return Path(repo)
+    from huggingface_hub import try_to_load_from_cache
+
+    found = {f: try_to_load_from_cache(repo, f) for f in HF_TEXT_FILES}
+    config = found["config.json"]
+    if isinstance(config, str) and any(isinstance(found[f], str) for f in HF_TEXT_FILES[2:]):
+        return Path(config).parent
+    what = (f"{what}'s text tower ({repo} on the Hugging Face hub: `huggingface-cli download {repo} "
+            f"{' '.join(HF_TEXT_FILES)}`)")
+    _probe("https://" + _hub_host(), what)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, allow_patterns=list(HF_TEXT_FILES)))
+    except Exception as e:  # missing repo, HTTP errors
+        raise ModelError(f"{what}: cannot download ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+
+
+def _chinese_clip_dir(name: str) -> Path | None:
+    """The directory of a bundled or `local-dir:` Chinese-CLIP model (one with cn_clip_config.json), else None."""
+    from retriever.models import cnclip
+
+    if name in bundled_models():
+        directory = BUNDLED_DIR / name
+    elif name.startswith("local-dir:"):
+        directory = Path(name[len("local-dir:"):]).expanduser()
+    else:
+        return None
+    return directory if cnclip.is_model_dir(directory) else None
+
+
+def _load_chinese_clip(spec: ModelSpec, directory: Path | None, device: str, precision: str,
+                       random_weights: bool) -> LoadedModel:
+    """A Chinese-CLIP model (see `retriever.models.cnclip`) as a LoadedModel."""
+    import torch
+
+    from retriever.models import cnclip
+    from retriever.models.wordpiece import WordPieceTokenizer
+
+    context_length = 52
+    if directory is not None:
+        data = cnclip.read_dir_config(directory)
+        cfg, context_length = data["model_cfg"], data.get("context_length", 52)
+        spec.pretrained = None
+        found = _weights_in_dir(directory)
+        weights: Path | str | None = found
+        fingerprint = f"sha256:{sha256_file(found)}"
+    else:
+        cfg = cnclip.arch_config(spec.name[len(cnclip.PREFIX):])
+        if spec.pretrained == DEFAULT_PRETRAINED:
+            spec.pretrained = None  # the open_clip default tag means nothing here: the released weights
+        if random_weights:
+            weights, fingerprint = None, f"random:{spec.name}"
+        elif spec.pretrained:
+            weights = Path(spec.pretrained).expanduser()
+            if not weights.is_file():
+                raise ModelError(f"{spec.pretrained}: no such checkpoint file (for {spec.name}, --pretrained takes a "
+                                 f"checkpoint in cn_clip's format, or nothing for the released weights)")
+            fingerprint = f"sha256:{sha256_file(weights)}"
+        else:
+            weights, fingerprint = cnclip.hub_weights(spec.name[len(cnclip.PREFIX):], what=spec.name), f"{spec.name}/{cnclip.HUB_ORG}"
+    source = str(weights or spec.name)
+    state = None if random_weights or weights is None else cnclip.read_state_dict(weights)
+    try:
+        model = cnclip.build(cfg, state, source)
+    except ModelError:
+        raise
+    except Exception as e:  # a config that passed the checks but still cannot be built
+        raise ModelError(f"cannot load {spec}: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    model = model.to(device=device, dtype=dtype)
+    preprocess = SafePreprocess(cnclip.preprocess_for(cfg["image_resolution"]), cfg["image_resolution"])
+    loaded = wrap_model(spec, model, preprocess, WordPieceTokenizer(context_length=context_length), fingerprint, device)
+    loaded.extra.update(family="cn-clip", cn_clip_cfg=cfg)
     return loaded
 
 

@@ -34,6 +34,15 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "star")
 POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48)}
+# The same world in Chinese (`toyworld-zh`): captions are `{position}有一个{size}的{colour}{shape}`.
+ZH = {
+    "small": "小", "large": "大",
+    "red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "white": "白色", "black": "黑色",
+    "orange": "橙色", "purple": "紫色",
+    "circle": "圆形", "square": "正方形", "triangle": "三角形", "star": "五角星",
+    "left": "左边", "right": "右边", "top": "上方", "bottom": "下方",
+}
+LANGS = ("en", "zh")
 _RADIUS = {"small": 6.0, "large": 11.0}
 # Radius multipliers a v2 training style may draw, per size class: they never overlap, so size
 # stays well defined, and reach down to the smallest shapes a reviewer drew (about 4 px).
@@ -93,15 +102,26 @@ class Scene:
     def caption(self) -> str:
         return f"a {self.size} {self.colour} {self.shape} on the {self.position}"
 
+    @property
+    def caption_zh(self) -> str:
+        """The Chinese caption, e.g. 左边有一个大的红色五角星."""
+        return f"{ZH[self.position]}有一个{ZH[self.size]}的{ZH[self.colour]}{ZH[self.shape]}"
+
+    def caption_in(self, lang: str = "en") -> str:
+        """The caption in `lang` (`en` or `zh`)."""
+        if lang not in LANGS:
+            raise ValueError(f"unknown toy-world language {lang!r}; use one of {', '.join(LANGS)}")
+        return self.caption_zh if lang == "zh" else self.caption
+
 
 def all_scenes() -> list[Scene]:
     """All 256 distinct scenes, in a fixed order."""
     return [Scene(*combo) for combo in itertools.product(SIZES, COLOURS, SHAPES, POSITIONS)]
 
 
-def all_captions() -> list[str]:
-    """The 256 captions of the toy world, in the order of `all_scenes()`."""
-    return [scene.caption for scene in all_scenes()]
+def all_captions(lang: str = "en") -> list[str]:
+    """The 256 captions of the toy world in `lang`, in the order of `all_scenes()`."""
+    return [scene.caption_in(lang) for scene in all_scenes()]
 
 
 # Partial captions: each names some of a scene's attributes. The v2 toy CLIP is trained on them
@@ -179,8 +199,8 @@ def render(scene: Scene, seed: int | None = None, style: Style | None = None) ->
     return image
 
 
-def sample(n: int, seed: int = 0, style: Style | str | None = None) -> Iterator[tuple[Image.Image, str]]:
-    """Yield `n` (image, caption) pairs, reproducible for a given seed.
+def sample(n: int, seed: int = 0, style: Style | str | None = None, lang: str = "en") -> Iterator[tuple[Image.Image, str]]:
+    """Yield `n` (image, caption) pairs, reproducible for a given seed (the same images in every `lang`).
 
     `style`: a Style, a name from HELD_OUT_STYLES, "random" (a fresh training style per image),
     or None for the classic look.
@@ -195,4 +215,4 @@ def sample(n: int, seed: int = 0, style: Style | str | None = None) -> Iterator[
         scene = scenes[int(rng.integers(len(scenes)))]
         image_seed = int(rng.integers(2**31))
         look = random_style(np.random.default_rng(image_seed + 1)) if isinstance(style, str) else style  # "random"
-        yield render(scene, seed=image_seed, style=look), scene.caption
+        yield render(scene, seed=image_seed, style=look), scene.caption_in(lang)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from retriever.corpus.cjk import join_phrases, join_words
 from retriever.models.encoder import Encoder
 from retriever.models.loading import LoadedModel
 from retriever.prompts.label_tables import LabelTable, Term, rank_tables
@@ -65,12 +66,12 @@ class PromptBuilder:
         pieces = caption_piece(caption)
         if caption and medium is not None and caption.startswith(medium.text):
             # As clip-interrogator: the caption already names the medium, so the artist follows it.
-            head = Piece(f"{caption} {artist.text}", (artist,)) if artist else pieces[0]
+            head = Piece(join_words(caption, artist.text), (artist,)) if artist else pieces[0]
             pieces = [head]
         else:
             lead = tuple(t for t in (medium, artist) if t is not None)
             if lead:
-                pieces.append(Piece(" ".join(t.text for t in lead), lead))
+                pieces.append(Piece(join_words(lead[0].text, lead[1].text) if len(lead) == 2 else lead[0].text, lead))
         pieces += [Piece(top[n].text, (top[n],)) for n in singles if n not in ("mediums", "artists") and n in top]
         if "flavors" in by_name:
             pieces += [Piece(t.text, (t,)) for t in by_name["flavors"].rank(xq, max_flavors)]
@@ -193,4 +194,5 @@ def caption_piece(caption: str) -> list[Piece]:
 
 
 def join(pieces: list[Piece]) -> str:
-    return ", ".join(p.text for p in pieces)
+    """The prompt: pieces joined by `, ` (by `，` next to Chinese)."""
+    return join_phrases([p.text for p in pieces])

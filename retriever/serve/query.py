@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from retriever.corpus.cjk import dedupe_key
 from retriever.errors import ImageError, IndexFormatError, RetrieverError
 from retriever.serve.body import HTTPProblem, QueryParams, http_message
 from retriever.serve.health import IndexHealth
@@ -160,7 +161,7 @@ def note(hits: list, params: QueryParams) -> str | None:
 def _dedupe(hits: list) -> list:
     seen, kept = set(), []
     for hit in hits:
-        key = " ".join(hit.text.lower().split())
+        key = dedupe_key(hit.text, fold_case=True)
         if key not in seen:
             seen.add(key)
             kept.append(hit)
