@@ -179,6 +179,7 @@ class PrefixScorer:
         m = tokens.shape[1]
         x = model.token_embedding(tokens).to(cast) + model.positional_embedding[p:p + m].to(cast)
         out_cache = []
+        allowed = suffix_mask(p, m, tokens.device)
         for layer, block in enumerate(model.transformer.resblocks):
             attn = block.attn
             h = block.ln_1(x)
@@ -189,7 +190,7 @@ class PrefixScorer:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
                 pk, pv = cache[layer]
-                out = attend(q, k, v, pk, pv)
+                out = attend(q, k, v, pk, pv, allowed)
                 k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
             x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(1, m, attn.embed_dim)))
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
@@ -213,6 +214,7 @@ class PrefixScorer:
         positions = torch.tensor(tree.depths, device=device) + p
         x = model.token_embedding(tokens).to(cast) + model.positional_embedding[positions].to(cast)
         groups = [g.to(device) for g in tree.groups]
+        masks = {length: suffix_mask(p, length, device) for length in {g.paths.shape[1] for g in groups}}
         blocks = list(model.transformer.resblocks)
         for layer, (block, (pk, pv)) in enumerate(zip(blocks, cache)):
             attn = block.attn
@@ -223,7 +225,7 @@ class PrefixScorer:
                 n, length = group.paths.shape
                 q, k, v = (t.view(n, length, heads, width // heads).transpose(1, 2)
                            for t in qkv[group.paths].chunk(3, dim=-1))
-                out = attend(q, k, v, pk, pv)
+                out = attend(q, k, v, pk, pv, masks[length])
                 mixed[group.nodes] = out.transpose(1, 2).reshape(n * length, width)[group.slots]
             if layer == len(blocks) - 1:  # only the end tokens' outputs are pooled
                 x, mixed = x[tree.ends], mixed[tree.ends]
@@ -235,28 +237,28 @@ class PrefixScorer:
         return x @ model.text_projection
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
-    """Attention of suffix rows to a shared prefix and causally to themselves.
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+           allowed: torch.Tensor) -> torch.Tensor:
+    """Attention of suffix rows to a shared prefix and causally to themselves (`allowed`: the
+    [length, p + length] mask of `suffix_mask`). q, k, v: [n, heads, length, head_dim]; pk, pv:
+    the prefix's [1, heads, p, head_dim]. One fused call: few operations matter more than the
+    prefix's copies on a busy CPU."""
+    import torch
+    import torch.nn.functional as F
 
-    q, k, v: [n, heads, length, head_dim]; pk, pv: the prefix's [1, heads, p, head_dim]. The
-    prefix's keys are multiplied once for all rows rather than copied per row (one softmax over
-    both parts, as scaled_dot_product_attention over their concatenation).
-    """
+    n = q.shape[0]
+    keys = torch.cat([pk.expand(n, -1, -1, -1), k], dim=2)
+    values = torch.cat([pv.expand(n, -1, -1, -1), v], dim=2)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+
+
+def suffix_mask(p: int, length: int, device: Any) -> torch.Tensor:
+    """Suffix position j sees the whole prefix (p tokens) and suffix positions <= j."""
     import torch
 
-    n, heads, length, dim = q.shape
-    p = pk.shape[2]
-    q = q * dim**-0.5
-    flat = q.transpose(0, 1).reshape(heads, n * length, dim)
-    to_prefix = torch.bmm(flat, pk[0].transpose(1, 2)).view(heads, n, length, p).transpose(0, 1)
-    causal = torch.ones((length, length), dtype=torch.bool, device=q.device).triu(1)
-    to_self = torch.matmul(q, k.transpose(2, 3)).masked_fill_(causal, float("-inf"))
-    top = torch.maximum(to_prefix.amax(dim=3, keepdim=True), to_self.amax(dim=3, keepdim=True))
-    w_prefix, w_self = (to_prefix - top).exp_(), (to_self - top).exp_()
-    total = w_prefix.sum(dim=3, keepdim=True) + w_self.sum(dim=3, keepdim=True)
-    from_prefix = torch.bmm(w_prefix.transpose(0, 1).reshape(heads, n * length, p), pv[0])
-    out = from_prefix.view(heads, n, length, dim).transpose(0, 1) + torch.matmul(w_self, v)
-    return out / total
+    allowed = torch.ones((length, p + length), dtype=torch.bool, device=device)
+    allowed[:, p:] = allowed[:, p:].tril()
+    return allowed
 
 
 def common_prefix_length(rows: list[list[int]]) -> int:
