@@ -9,6 +9,7 @@ path this project used before (every `prefix, term` tokenized twice and encoded 
 Prompts must be identical.
 
     python bench/b10_interrogate.py --images 3
+    python bench/b10_interrogate.py --images 2 --intermediate 128 --cache /tmp/b10cache --threads 1   # README's
     python bench/b10_interrogate.py --full-tables --images 2 --skip-before   # all ~112k labels
 """
 
