@@ -71,7 +71,7 @@ class PrefixScorer:
         >>> scorer.encode("a large red star", ["on the left", "on the top"])  # == encode_text of the joins
     """
 
-    def __init__(self, loaded: LoadedModel, joiner: str = ", ", batch_size: int = 1024):
+    def __init__(self, loaded: LoadedModel, joiner: str = ", ", batch_size: int = 256, pass_size: int = 4096):
         from retriever.models.encoder import Encoder
 
         self.loaded = loaded
@@ -79,12 +79,14 @@ class PrefixScorer:
         self.encoder = Encoder(loaded)
         self.joiner = joiner
         self.batch_size = batch_size
+        self.pass_size = pass_size
         self.exact = can_share_prefix(self.model)
         tokenizer = loaded.tokenizer
         self.context = int(getattr(tokenizer, "context_length", 77))
         self.sot = int(getattr(tokenizer, "sot_token_id", 49406))
         self.eot = int(getattr(tokenizer, "eot_token_id", 49407))
         self._suffix_cache: dict[str, list[int]] = {}
+        self._last_prefix: tuple[list[int], Any] = ([], None)
         self.shared = 0  # texts encoded through a shared prefix, and in full (for tests and benches)
         self.full = 0
 
@@ -131,73 +133,197 @@ class PrefixScorer:
         return out
 
     def _encode_shared(self, prefix_tokens: list[int], suffixes: list[list[int]]) -> np.ndarray:
+        import numpy as np
         import torch
 
         device = next(self.model.parameters()).device
+        # The leading tokens all suffixes share (at least the joiner's ",") join the prefix.
+        common = common_prefix_length(suffixes)
+        head = [self.sot, *prefix_tokens, *suffixes[0][:common]]
+        out = np.zeros((len(suffixes), self.encoder.dim), dtype=np.float32)
         with torch.inference_mode():
-            cache = self._prefix_cache(torch.tensor([[self.sot, *prefix_tokens]], device=device))
-            parts = []
-            for start in range(0, len(suffixes), self.batch_size):
-                parts.append(self._suffix_batch(cache, suffixes[start:start + self.batch_size], device))
-            x = torch.cat(parts)
-            x = torch.nn.functional.normalize(x.float(), dim=-1)
-        return x.cpu().numpy()
+            cache = self._prefix_cache(head, device)
+            for start in range(0, len(suffixes), self.pass_size):
+                rows = [[*s[common:], self.eot] for s in suffixes[start:start + self.pass_size]]
+                x = self._encode_tree(cache, SuffixTree(rows, self.batch_size), device)
+                out[start:start + len(rows)] = torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy()
+        return out
 
-    def _prefix_cache(self, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the prefix's keys and values: [1, heads, p, head_dim] each."""
+    def _prefix_cache(self, tokens: list[int], device: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the keys and values of `tokens`: [1, heads, p, head_dim] each.
+
+        Causal attention makes the keys and values of a token prefix independent of what
+        follows, and a chain's next prefix is this one plus the chosen term: so the last cache
+        is kept, cut to the tokens it shares with `tokens`, and only the rest is run.
+        """
+        import torch
+
+        known, cache = self._last_prefix
+        keep = common_prefix_length([known, tokens]) if cache is not None else 0
+        if keep:
+            cache = [(k[:, :, :keep], v[:, :, :keep]) for k, v in cache]
+        if keep < len(tokens):
+            cache = self._extend(cache if keep else None, torch.tensor([tokens[keep:]], device=device))
+        self._last_prefix = (list(tokens), cache)
+        return cache
+
+    def _extend(self, cache: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`cache` (None: empty) with `tokens` [1, m] appended: their keys and values attend to it."""
+        import torch
         import torch.nn.functional as F
 
         model = self.model
         cast = model.transformer.get_cast_dtype()
-        p = tokens.shape[1]
-        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:p].to(cast)
-        cache = []
-        for block in model.transformer.resblocks:
+        p = 0 if cache is None else cache[0][0].shape[2]
+        m = tokens.shape[1]
+        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[p:p + m].to(cast)
+        out_cache = []
+        allowed = suffix_mask(p, m, tokens.device)
+        for layer, block in enumerate(model.transformer.resblocks):
             attn = block.attn
             h = block.ln_1(x)
             q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-            split = (1, p, attn.num_heads, attn.embed_dim // attn.num_heads)
+            split = (1, m, attn.num_heads, attn.embed_dim // attn.num_heads)
             q, k, v = (t.view(split).transpose(1, 2) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(1, p, attn.embed_dim)))
+            if cache is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                pk, pv = cache[layer]
+                out = attend(q, k, v, pk, pv, allowed)
+                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(1, m, attn.embed_dim)))
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
-            cache.append((k, v))
-        return cache
+            out_cache.append((k, v))
+        return out_cache
 
-    def _suffix_batch(self, cache: list[tuple[torch.Tensor, torch.Tensor]], suffixes: list[list[int]],
-                      device: Any) -> torch.Tensor:
-        """Unnormalised embeddings of each suffix (+ end token) continuing the cached prefix."""
+    def _encode_tree(self, cache: list[tuple[torch.Tensor, torch.Tensor]], tree: SuffixTree,
+                     device: Any) -> torch.Tensor:
+        """Unnormalised embeddings of the tree's rows continuing the cached prefix.
+
+        Linear layers and MLPs run once per tree node (no padding, shared leading tokens once);
+        attention runs per row, length-bucketed, and each node takes its output from one row.
+        """
         import torch
         import torch.nn.functional as F
-        from open_clip.transformer import text_global_pool
 
         model = self.model
         cast = model.transformer.get_cast_dtype()
         p = cache[0][0].shape[2]
-        rows = [[*s, self.eot] for s in suffixes]
-        length = max(len(r) for r in rows)
-        tokens = torch.zeros((len(rows), length), dtype=torch.long, device=device)
-        for i, r in enumerate(rows):
-            tokens[i, :len(r)] = torch.tensor(r, device=device)
-        n = len(rows)
-        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[p:p + length].to(cast)
-        # Suffix position j sees the whole prefix and suffix positions <= j.
-        allowed = torch.ones((length, p + length), dtype=torch.bool, device=device)
-        allowed[:, p:] = torch.ones((length, length), dtype=torch.bool, device=device).tril()
-        for block, (pk, pv) in zip(model.transformer.resblocks, cache):
+        tokens = torch.tensor(tree.tokens, device=device)
+        positions = torch.tensor(tree.depths, device=device) + p
+        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[positions].to(cast)
+        groups = [g.to(device) for g in tree.groups]
+        masks = {length: suffix_mask(p, length, device) for length in {g.paths.shape[1] for g in groups}}
+        blocks = list(model.transformer.resblocks)
+        for layer, (block, (pk, pv)) in enumerate(zip(blocks, cache)):
             attn = block.attn
-            heads, head_dim = attn.num_heads, attn.embed_dim // attn.num_heads
-            h = block.ln_1(x)
-            q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-            split = (n, length, heads, head_dim)
-            q, k, v = (t.view(split).transpose(1, 2) for t in (q, k, v))
-            keys = torch.cat([pk.expand(n, -1, -1, -1), k], dim=2)
-            values = torch.cat([pv.expand(n, -1, -1, -1), v], dim=2)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
-            x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(n, length, attn.embed_dim)))
+            width, heads = attn.embed_dim, attn.num_heads
+            qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+            mixed = torch.empty((len(tree.tokens), width), dtype=x.dtype, device=device)
+            for group in groups:
+                n, length = group.paths.shape
+                q, k, v = (t.view(n, length, heads, width // heads).transpose(1, 2)
+                           for t in qkv[group.paths].chunk(3, dim=-1))
+                out = attend(q, k, v, pk, pv, masks[length])
+                mixed[group.nodes] = out.transpose(1, 2).reshape(n * length, width)[group.slots]
+            if layer == len(blocks) - 1:  # only the end tokens' outputs are pooled
+                x, mixed = x[tree.ends], mixed[tree.ends]
+            x = x + block.ls_1(attn.out_proj(mixed))
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
         x = model.ln_final(x)
-        pooled = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
         if isinstance(model.text_projection, torch.nn.Linear):
-            return model.text_projection(pooled)
-        return pooled @ model.text_projection
+            return model.text_projection(x)
+        return x @ model.text_projection
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+           allowed: torch.Tensor) -> torch.Tensor:
+    """Attention of suffix rows to a shared prefix and causally to themselves (`allowed`: the
+    [length, p + length] mask of `suffix_mask`). q, k, v: [n, heads, length, head_dim]; pk, pv:
+    the prefix's [1, heads, p, head_dim]. One fused call: few operations matter more than the
+    prefix's copies on a busy CPU."""
+    import torch
+    import torch.nn.functional as F
+
+    n = q.shape[0]
+    keys = torch.cat([pk.expand(n, -1, -1, -1), k], dim=2)
+    values = torch.cat([pv.expand(n, -1, -1, -1), v], dim=2)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+
+
+def suffix_mask(p: int, length: int, device: Any) -> torch.Tensor:
+    """Suffix position j sees the whole prefix (p tokens) and suffix positions <= j."""
+    import torch
+
+    allowed = torch.ones((length, p + length), dtype=torch.bool, device=device)
+    allowed[:, p:] = allowed[:, p:].tril()
+    return allowed
+
+
+def common_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading tokens all rows share."""
+    first = rows[0]
+    common = len(first)
+    for row in rows[1:]:
+        common = min(common, len(row))
+        for j in range(common):
+            if row[j] != first[j]:
+                common = j
+                break
+    return common
+
+
+class SuffixTree:
+    """Token rows as a prefix tree: each distinct leading sequence is one node.
+
+    `tokens`, `depths`: per node. `ends`: each row's last node. `groups`: rows sorted by length
+    and cut into attention batches: `paths` [n, length] (node of each position, short rows padded
+    with their last node, which causal attention never lets a real position see), and `nodes`,
+    `slots`: the nodes whose output this batch provides and their flat positions in it.
+    """
+
+    def __init__(self, rows: list[list[int]], batch_size: int):
+        import torch
+
+        ids: dict[tuple[int, int], int] = {}
+        self.tokens: list[int] = []
+        self.depths: list[int] = []
+        paths = []
+        for row in rows:
+            node, path = -1, []
+            for depth, token in enumerate(row):
+                key = (node, token)
+                node = ids.get(key, -1)
+                if node < 0:
+                    node = ids[key] = len(self.tokens)
+                    self.tokens.append(token)
+                    self.depths.append(depth)
+                path.append(node)
+            paths.append(path)
+        self.ends = torch.tensor([path[-1] for path in paths])
+        order = sorted(range(len(rows)), key=lambda i: len(paths[i]))
+        seen = [False] * len(self.tokens)
+        self.groups = []
+        for start in range(0, len(order), batch_size):
+            batch = [paths[i] for i in order[start:start + batch_size]]
+            length = len(batch[-1])
+            nodes, slots = [], []
+            for r, path in enumerate(batch):
+                for j, node in enumerate(path):
+                    if not seen[node]:
+                        seen[node] = True
+                        nodes.append(node)
+                        slots.append(r * length + j)
+            padded = torch.tensor([path + [path[-1]] * (length - len(path)) for path in batch])
+            self.groups.append(_Group(padded, torch.tensor(nodes, dtype=torch.long), torch.tensor(slots, dtype=torch.long)))
+
+
+class _Group:
+    """One attention batch of a SuffixTree."""
+
+    def __init__(self, paths: torch.Tensor, nodes: torch.Tensor, slots: torch.Tensor):
+        self.paths, self.nodes, self.slots = paths, nodes, slots
+
+    def to(self, device: Any) -> _Group:
+        return _Group(self.paths.to(device), self.nodes.to(device), self.slots.to(device))

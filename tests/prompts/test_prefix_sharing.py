@@ -8,7 +8,9 @@ from retriever.prompts.interrogate import Interrogator
 from retriever.prompts.label_tables import builtin_labels, ensure_table, load_table
 
 EDGE_SUFFIXES = ["emoji 🎨 art", "café au lait", "fish &amp; chips", "a &lt; b", "  spaced   out  ", "", "x" * 300,
-                 "trending on artstation", "it's", "!!!", "'s", "déjà vu", "ＦＵＬＬ width", "\u00a0nbsp"]
+                 "trending on artstation", "it's", "!!!", "'s", "déjà vu", "ＦＵＬＬ width", "\u00a0nbsp",
+                 # shared leading tokens (one tree node), and two labels that tokenize the same
+                 "by Claude Monet", "by Claude Lorrain", "inspired by Claude Monet", "By Claude Monet", "by"]
 
 
 def full(scorer, prefix, suffixes):
@@ -28,6 +30,18 @@ def test_vectors_match_full_encoding(toy_model, prefix):
         assert scorer.shared > len(fitting) // 2  # the shared path really ran
     else:
         assert scorer.shared == 0
+
+
+def test_chain_of_prefixes_reuses_the_cache(toy_model):
+    """Each prefix extends, cuts or replaces the last one's cached keys and values: still exact."""
+    scorer = PrefixScorer(toy_model)
+    suffixes = builtin_labels("flavors")[:60] + EDGE_SUFFIXES[-5:]
+    prefixes = ["a large red star", "a large red star, on the left", "a large red star, on the left, by Claude Monet",
+                "a large red star", "a small blue circle", "a small blue circle, 2"]
+    for prefix in prefixes:
+        cos = (scorer.encode(prefix, suffixes) * full(scorer, prefix, suffixes)).sum(axis=1)
+        assert cos.min() >= 0.9999, prefix
+    assert scorer.full == 0
 
 
 def test_only_exact_towers_share(toy_model):
