@@ -38,7 +38,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--flavors", type=int, default=2000)
     parser.add_argument("--intermediate", type=int, default=2048)
-    parser.add_argument("--cache", type=Path, required=True, help="this project's table cache (from b10_interrogate.py)")
+    parser.add_argument(
+        "--cache", type=Path, required=True, help="this project's table cache (from b10_interrogate.py)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -67,11 +69,20 @@ def main() -> None:
     ci_cache = Path(tempfile.mkdtemp(prefix="b10-ci-"))
     seed_cache(ci_module, args.cache, ci_cache, load_list, save_file)
 
-    config = ci_module.Config(caption_model_name=None, clip_model_name=NAME, cache_path=str(ci_cache),
-                              download_cache=False, device="cpu", flavor_intermediate_count=args.intermediate, quiet=True)
+    config = ci_module.Config(
+        caption_model_name=None,
+        clip_model_name=NAME,
+        cache_path=str(ci_cache),
+        download_cache=False,
+        device="cpu",
+        flavor_intermediate_count=args.intermediate,
+        quiet=True,
+    )
     config.clip_model, config.clip_preprocess = model, preprocess  # plain class attributes, not init fields
     ci = ci_module.Interrogator(config)
-    images = [toyworld.render(s, seed=i) for i, s in enumerate(toyworld.all_scenes()[:: 256 // args.images])][: args.images]
+    images = [toyworld.render(s, seed=i) for i, s in enumerate(toyworld.all_scenes()[:: 256 // args.images])][
+        : args.images
+    ]
     seconds, prompts = [], []
     for i, image in enumerate(images):
         start = time.perf_counter()
@@ -89,17 +100,38 @@ def seed_cache(ci_module, ours: Path, ci_cache: Path, load_list, save_file) -> N
     import os
 
     data = os.path.join(os.path.dirname(ci_module.__file__), "data")
-    sites = ["Artstation", "behance", "cg society", "cgsociety", "deviantart", "dribble", "flickr", "instagram",
-             "pexels", "pinterest", "pixabay", "pixiv", "polycount", "reddit", "shutterstock", "tumblr", "unsplash",
-             "zbrush central"]
+    sites = [
+        "Artstation",
+        "behance",
+        "cg society",
+        "cgsociety",
+        "deviantart",
+        "dribble",
+        "flickr",
+        "instagram",
+        "pexels",
+        "pinterest",
+        "pixabay",
+        "pixiv",
+        "polycount",
+        "reddit",
+        "shutterstock",
+        "tumblr",
+        "unsplash",
+        "zbrush central",
+    ]
     artists = load_list(data, "artists.txt")
     lists = {
         "artists": [f"by {a}" for a in artists] + [f"inspired by {a}" for a in artists],
         "flavors": load_list(data, "flavors.txt"),
         "mediums": load_list(data, "mediums.txt"),
         "movements": load_list(data, "movements.txt"),
-        "trendings": [*sites, *(f"trending on {s}" for s in sites), *(f"featured on {s}" for s in sites),
-                      *(f"{s} contest winner" for s in sites)],
+        "trendings": [
+            *sites,
+            *(f"trending on {s}" for s in sites),
+            *(f"featured on {s}" for s in sites),
+            *(f"{s} contest winner" for s in sites),
+        ],
         "negative": load_list(data, "negative.txt"),
     }
     import pyarrow.parquet as pq
@@ -123,8 +155,10 @@ def seed_cache(ci_module, ours: Path, ci_cache: Path, load_list, save_file) -> N
             index = faiss.read_index(str(found / "index.faiss"))
             embeds = index.reconstruct_n(0, index.ntotal)
         digest = hashlib.sha256(",".join(labels).encode()).hexdigest()
-        save_file({"embeds": embeds.astype(np.float16), "hash": np.array([ord(c) for c in digest], dtype=np.int8)},
-                  str(ci_cache / f"{NAME.replace('/', '_')}_{name}.safetensors"))
+        save_file(
+            {"embeds": embeds.astype(np.float16), "hash": np.array([ord(c) for c in digest], dtype=np.int8)},
+            str(ci_cache / f"{NAME.replace('/', '_')}_{name}.safetensors"),
+        )
         print(f"{name}: {len(labels):,} embeddings from {found}")
 
 

@@ -73,7 +73,9 @@ def main() -> None:
     print(f"tables ready in {time.perf_counter() - start:.0f}s: {sum(len(t) for t in loaded):,} labels")
     kwargs = {} if args.intermediate is None else {"flavor_intermediate_count": args.intermediate}
     it = Interrogator(model, loaded, **kwargs)
-    images = [toyworld.render(s, seed=i) for i, s in enumerate(toyworld.all_scenes()[:: 256 // args.images])][: args.images]
+    images = [toyworld.render(s, seed=i) for i, s in enumerate(toyworld.all_scenes()[:: 256 // args.images])][
+        : args.images
+    ]
     after, before, t_after, t_before = [], [], [], []
     for i, image in enumerate(images):  # interleaved, alternating which side goes first (a shared machine)
         sides = [True] if args.skip_before else [True, False] if i % 2 == 0 else [False, True]
@@ -87,8 +89,10 @@ def main() -> None:
     if not args.skip_before:
         print(f"before (full encoding): median {np.median(t_before):.2f} s/image  {[f'{t:.2f}' for t in t_before]}")
         ratios = [b / a for a, b in zip(t_after, t_before)]
-        print(f"speed-up {np.median(t_before) / np.median(t_after):.1f}x (per image {[f'{r:.1f}' for r in ratios]}); "
-              f"identical prompts: {before == after}")
+        print(
+            f"speed-up {np.median(t_before) / np.median(t_after):.1f}x (per image {[f'{r:.1f}' for r in ratios]}); "
+            f"identical prompts: {before == after}"
+        )
     print("example prompt:", after[0])
 
 

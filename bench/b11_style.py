@@ -68,7 +68,11 @@ def main() -> None:
     all_scenes = toyworld.all_scenes()
     cases = {
         "a same voice": ([s.caption for s in all_scenes], images_of(all_scenes, args.images, 1), lambda s: s.caption),
-        "b novel combos": ([s.caption for s in train_scenes], images_of(novel_scenes, args.images, 2), lambda s: s.caption),
+        "b novel combos": (
+            [s.caption for s in train_scenes],
+            images_of(novel_scenes, args.images, 2),
+            lambda s: s.caption,
+        ),
         "c voice transfer": ([restyled(s) for s in all_scenes], images_of(all_scenes, args.images, 3), restyled),
     }
     clip = load_model("toyworld", device="cpu")
@@ -78,8 +82,15 @@ def main() -> None:
             corpus.write_text("\n".join(lines) + "\n")
             for projection in ("memory", "noise"):
                 out = Path(tmp) / f"{label[0]}-{projection}"
-                options = StyleOptions(width=args.width, layers=args.layers, heads=4, epochs=args.epochs, batch_size=32,
-                                       lr=args.lr, projection=projection)
+                options = StyleOptions(
+                    width=args.width,
+                    layers=args.layers,
+                    heads=4,
+                    epochs=args.epochs,
+                    batch_size=32,
+                    lr=args.lr,
+                    projection=projection,
+                )
                 start = time.perf_counter()
                 result = train_style(corpus, out, "toyworld", options=options, device="cpu", show_progress_bar=False)
                 seconds = time.perf_counter() - start
@@ -87,9 +98,12 @@ def main() -> None:
                 score, written = exact(captioner, images, voice, opts)
                 other = "noise" if projection == "memory" else "memory"
                 other_score = exact(StyleCaptioner(out, clip=clip, projection=other), images, voice, opts)[0]
-                print(f"{label:17} trained for {projection:6}: exact {score:.3f} (inference with {other}: {other_score:.3f}); "
-                      f"{len(lines)} lines, {result.parameters:,} parameters, {seconds:.0f}s, "
-                      f"{result.extra['tokens_per_second']:,.0f} tokens/s; e.g. {written[0]!r}", flush=True)
+                print(
+                    f"{label:17} trained for {projection:6}: exact {score:.3f} (inference with {other}: {other_score:.3f}); "
+                    f"{len(lines)} lines, {result.parameters:,} parameters, {seconds:.0f}s, "
+                    f"{result.extra['tokens_per_second']:,.0f} tokens/s; e.g. {written[0]!r}",
+                    flush=True,
+                )
         images = [im for im, _ in cases["a same voice"][1]]
         style = StyleCaptioner(Path(tmp) / "a-memory", clip=clip)
         coca = Captioner(load_model("toyworld-coca", device="cpu"))

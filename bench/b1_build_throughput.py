@@ -45,7 +45,7 @@ def main() -> None:
         out = []
         with torch.no_grad():
             for start in range(0, len(texts), args.batch_size):
-                tokens = loaded.tokenizer(texts[start:start + args.batch_size])
+                tokens = loaded.tokenizer(texts[start : start + args.batch_size])
                 out.append(torch.nn.functional.normalize(loaded.model.encode_text(tokens), dim=-1).numpy())
         return np.concatenate(out)
 
@@ -60,8 +60,10 @@ def main() -> None:
     print(f"retriever encoder (trimmed, sorted):  {len(texts) / ours_s:8.1f} texts/s")
     print(f"speed-up: {ref_s / ours_s:.2f}x   min cosine to reference: {cosine:.6f}")
     print(f"mean real tokens per text: {lengths.mean():.1f} of {loaded.context_length}")
-    print(f"useful GFLOP/s: ours {useful / ours_s / 1e9:.1f}, reference {useful / ref_s / 1e9:.1f}; "
-          f"matmul {peak:.1f} GFLOP/s -> ours at {useful / ours_s / 1e9 / peak:.2f} of matmul")
+    print(
+        f"useful GFLOP/s: ours {useful / ours_s / 1e9:.1f}, reference {useful / ref_s / 1e9:.1f}; "
+        f"matmul {peak:.1f} GFLOP/s -> ours at {useful / ours_s / 1e9 / peak:.2f} of matmul"
+    )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def main() -> None:
     start = time.perf_counter()
     vectors = encoder.encode_text(texts, batch_size=1024, show_progress_bar=True)
     print(f"embedded {len(texts):,} texts with toyworld in {time.perf_counter() - start:.0f}s")
-    xb, xq = vectors[: args.n], vectors[args.n:]
+    xb, xq = vectors[: args.n], vectors[args.n :]
     d = xb.shape[1]
     gt = exact_neighbors([xb], xq, 10)
     flat_qps = None
@@ -71,8 +71,11 @@ def main() -> None:
         flat_qps = flat_qps or speed
         size = len(faiss.serialize_index(index))
         params = ",".join(f"{k}={v}" for k, v in tuned.params.items()) or "-"
-        print(f"{kind:6} {params:18} {recall_at_k(I, gt):9.3f} {speed:9.0f} {speed / flat_qps:7.1f}x "
-              f"{size / args.n:13.0f} {build_s:8.0f}", flush=True)
+        print(
+            f"{kind:6} {params:18} {recall_at_k(I, gt):9.3f} {speed:9.0f} {speed / flat_qps:7.1f}x "
+            f"{size / args.n:13.0f} {build_s:8.0f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

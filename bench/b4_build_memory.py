@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 from common import machine
 
-WORDS = ("small large red green blue yellow purple orange white black circle square triangle star "
-         "left right top bottom bright dark shiny matte tiny huge old new soft sharp").split()
+WORDS = (
+    "small large red green blue yellow purple orange white black circle square triangle star "
+    "left right top bottom bright dark shiny matte tiny huge old new soft sharp"
+).split()
 
 
 def write_corpus(path: Path, n: int) -> None:
@@ -34,11 +36,15 @@ def write_corpus(path: Path, n: int) -> None:
 
 def peak_rss_of(cmd: list[str]) -> tuple[float, dict, float]:
     """Run `cmd` in a fresh process (via a wrapper) and return its peak RSS in MiB."""
-    wrapper = ("import resource, subprocess, sys, json; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-               "print(json.dumps({'rc': p.returncode, 'out': p.stdout, 'err': p.stderr[-2000:], "
-               "'maxrss_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+    wrapper = (
+        "import resource, subprocess, sys, json; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "print(json.dumps({'rc': p.returncode, 'out': p.stdout, 'err': p.stderr[-2000:], "
+        "'maxrss_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
+    )
     start = time.perf_counter()
-    result = json.loads(subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=True).stdout)
+    result = json.loads(
+        subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=True).stdout
+    )
     if result["rc"] != 0:
         raise SystemExit(result["err"])
     return result["maxrss_kib"] / 1024, json.loads(result["out"]), time.perf_counter() - start
@@ -60,11 +66,27 @@ def main() -> None:
             if str(n) in args.flat_sizes.split(","):
                 configs.insert(0, ("flat", ["--index-type", "flat"]))
             for label, extra in configs:
-                cmd = [*retriever, "build-index", str(corpus), "--model", "toyworld", "--out", str(Path(tmp) / f"i{n}"),
-                       "--overwrite", "--quiet", "--json", "--chunk-size", str(args.chunk_size), *extra]
+                cmd = [
+                    *retriever,
+                    "build-index",
+                    str(corpus),
+                    "--model",
+                    "toyworld",
+                    "--out",
+                    str(Path(tmp) / f"i{n}"),
+                    "--overwrite",
+                    "--quiet",
+                    "--json",
+                    "--chunk-size",
+                    str(args.chunk_size),
+                    *extra,
+                ]
                 rss, summary, seconds = peak_rss_of(cmd)
-                print(f"{n:>9,} texts  {label:11} peak RSS {rss:7.0f} MiB  {summary['kept'] / seconds:8.0f} texts/s "
-                      f"({seconds:.0f}s, {summary.get('recall_at_10', 1.0)} recall@10)", flush=True)
+                print(
+                    f"{n:>9,} texts  {label:11} peak RSS {rss:7.0f} MiB  {summary['kept'] / seconds:8.0f} texts/s "
+                    f"({seconds:.0f}s, {summary.get('recall_at_10', 1.0)} recall@10)",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

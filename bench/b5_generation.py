@@ -38,15 +38,23 @@ def compare(loaded, images, method: str, beams: int, max_len: int) -> None:
     captioner = Captioner(loaded)
     opts = DecodeOptions(method=method, beams=beams, max_len=max_len)
     pixels = torch.stack([loaded.preprocess(im) for im in images])
-    kwargs = ({"generation_type": "beam_search", "num_beams": beams, "num_beam_groups": 1} if method == "beam"
-              else {"generation_type": "top_k", "top_k": 1})
+    kwargs = (
+        {"generation_type": "beam_search", "num_beams": beams, "num_beam_groups": 1}
+        if method == "beam"
+        else {"generation_type": "top_k", "top_k": 1}
+    )
     captioner.generate_tokens(images[:1], opts)  # warm-up
     ours, ours_s = repeat(lambda: [until_eos(t[0]) for t in captioner.generate_tokens(images, opts)])
     with torch.inference_mode():
-        ref, ref_s = repeat(lambda: [until_eos(t) for t in loaded.model.generate(pixels, seq_len=max_len, **kwargs).tolist()])
+        ref, ref_s = repeat(
+            lambda: [until_eos(t) for t in loaded.model.generate(pixels, seq_len=max_len, **kwargs).tolist()]
+        )
     label = f"{loaded.spec.name} {method}{f' x{beams}' if method == 'beam' else ''}, batch {len(images)}"
-    print(f"{label:32} open_clip {len(images) / ref_s:7.2f} captions/s   ours {len(images) / ours_s:7.2f} captions/s   "
-          f"speed-up {ref_s / ours_s:5.2f}x   identical output: {ours == ref}", flush=True)
+    print(
+        f"{label:32} open_clip {len(images) / ref_s:7.2f} captions/s   ours {len(images) / ours_s:7.2f} captions/s   "
+        f"speed-up {ref_s / ours_s:5.2f}x   identical output: {ours == ref}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -65,9 +73,15 @@ def main() -> None:
     model, _, preprocess = open_clip.create_model_and_transforms("coca_ViT-B-32")
     # open_clip leaves the decoder's output projection uninitialised (torch.empty, in practice
     # zeros): every logit ties and "greedy" samples at random. Give it real random weights.
-    torch.nn.init.normal_(model.text_decoder.text_projection, std=model.text_decoder.width ** -0.5)
-    big = wrap_model(ModelSpec("coca_ViT-B-32", "random"), model, preprocess, open_clip.get_tokenizer("coca_ViT-B-32"),
-                     "coca_ViT-B-32/random", "cpu")
+    torch.nn.init.normal_(model.text_decoder.text_projection, std=model.text_decoder.width**-0.5)
+    big = wrap_model(
+        ModelSpec("coca_ViT-B-32", "random"),
+        model,
+        preprocess,
+        open_clip.get_tokenizer("coca_ViT-B-32"),
+        "coca_ViT-B-32/random",
+        "cpu",
+    )
     toy = load_model("toyworld-coca", device="cpu")
     for method in ("greedy", "beam"):
         compare(big, images, method, args.beams, args.max_len)

@@ -47,16 +47,74 @@ def run(cmd: list[str]) -> tuple[float, str]:
 def compare(label: str, model: str, pretrained: str | None, tsv: Path, batch: int, workers: int, work: Path) -> None:
     n = sum(1 for _ in open(tsv)) - 1
     steps = n // batch
-    ours_cmd = [sys.executable, "-m", "retriever", "finetune", str(tsv), "--out", str(work / f"ours-{label}"),
-                "--model", model, "--epochs", "1", "--batch-size", str(batch), "--lr", "1e-5", "--warmup", "2",
-                "--workers", str(workers), "--precision", "fp32", "--json", "-q"]
+    ours_cmd = [
+        sys.executable,
+        "-m",
+        "retriever",
+        "finetune",
+        str(tsv),
+        "--out",
+        str(work / f"ours-{label}"),
+        "--model",
+        model,
+        "--epochs",
+        "1",
+        "--batch-size",
+        str(batch),
+        "--lr",
+        "1e-5",
+        "--warmup",
+        "2",
+        "--workers",
+        str(workers),
+        "--precision",
+        "fp32",
+        "--json",
+        "-q",
+    ]
     if pretrained:
         ours_cmd += ["--pretrained", pretrained]
-    theirs_cmd = [sys.executable, "-m", "open_clip_train.main", "--train-data", str(tsv), "--dataset-type", "csv",
-                  "--csv-separator", "\t", "--csv-img-key", "filepath", "--csv-caption-key", "title",
-                  "--model", model, "--epochs", "1", "--batch-size", str(batch), "--lr", "1e-5", "--warmup", "2",
-                  "--wd", "0.1", "--workers", str(workers), "--precision", "fp32", "--device", "cpu",
-                  "--logs", str(work / f"theirs-{label}"), "--name", "run", "--report-to", "", "--log-every-n-steps", "1"]
+    theirs_cmd = [
+        sys.executable,
+        "-m",
+        "open_clip_train.main",
+        "--train-data",
+        str(tsv),
+        "--dataset-type",
+        "csv",
+        "--csv-separator",
+        "\t",
+        "--csv-img-key",
+        "filepath",
+        "--csv-caption-key",
+        "title",
+        "--model",
+        model,
+        "--epochs",
+        "1",
+        "--batch-size",
+        str(batch),
+        "--lr",
+        "1e-5",
+        "--warmup",
+        "2",
+        "--wd",
+        "0.1",
+        "--workers",
+        str(workers),
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--logs",
+        str(work / f"theirs-{label}"),
+        "--name",
+        "run",
+        "--report-to",
+        "",
+        "--log-every-n-steps",
+        "1",
+    ]
     if pretrained:
         theirs_cmd += ["--pretrained", pretrained]
     theirs_s, theirs_log = run(theirs_cmd)
@@ -66,8 +124,10 @@ def compare(label: str, model: str, pretrained: str | None, tsv: Path, batch: in
 
     ours_loss = json.loads(ours_out.strip().splitlines()[-1])["epochs"][0]["train_loss"]
     print(f"{label}: {n} pairs, batch {batch}, {steps} steps, {workers} workers")
-    print(f"  open_clip_train main(): {theirs_s:7.1f} s  ({steps / theirs_s:.2f} steps/s), "
-          f"mean train loss {sum(theirs_losses) / max(1, len(theirs_losses)):.4f}")
+    print(
+        f"  open_clip_train main(): {theirs_s:7.1f} s  ({steps / theirs_s:.2f} steps/s), "
+        f"mean train loss {sum(theirs_losses) / max(1, len(theirs_losses)):.4f}"
+    )
     print(f"  retriever finetune:     {ours_s:7.1f} s  ({steps / ours_s:.2f} steps/s), mean train loss {ours_loss:.4f}")
     print(f"  speed ratio (ours / open_clip_train): {theirs_s / ours_s:.2f}x")
 

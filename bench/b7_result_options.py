@@ -69,7 +69,9 @@ def main() -> None:
     encoder = Encoder(model)
     xq = encoder.encode_image(images, show_progress_bar=False)
     encode = latencies(lambda q: encoder.encode_image(images[:1], show_progress_bar=False), xq[:50])
-    print(f"image encoding alone (toyworld, one image): p50 {np.median(encode):.2f} ms; 'end to end' adds it to both sides")
+    print(
+        f"image encoding alone (toyworld, one image): p50 {np.median(encode):.2f} ms; 'end to end' adds it to both sides"
+    )
     for corpus_seed in (1, 2):
         corpus = work / f"corpus{corpus_seed}.tsv"
         if not corpus.exists():
@@ -81,8 +83,14 @@ def main() -> None:
             out = work / f"{kind}{corpus_seed}"
             if not (out / "manifest.json").exists():
                 start = time.perf_counter()
-                build_index(work / f"corpus{corpus_seed}.tsv", out, model, index_type=kind, overwrite=True,
-                            show_progress_bar=False)
+                build_index(
+                    work / f"corpus{corpus_seed}.tsv",
+                    out,
+                    model,
+                    index_type=kind,
+                    overwrite=True,
+                    show_progress_bar=False,
+                )
                 print(f"built {out} in {time.perf_counter() - start:.0f}s", flush=True)
             opened.append(read_index(out, use_gpu=False))
         index, other = opened
@@ -97,15 +105,20 @@ def main() -> None:
         def both(q):
             return search_indexes(opened, q, 10, plain)  # noqa: B023 (timed inside this iteration)
 
-        rows = [("plain", base, 10),
-                ("diversity 0.5, fetch-k 1000", latencies(lambda q: search_index(index, q, 10, diverse), xq), 10),  # noqa: B023 (timed inside this iteration)
-                ('where "bucket = 3" (10%)', latencies(filtered, xq), len(filtered(xq[:1])[0][1])),
-                ("two indexes", latencies(both, xq), 10)]
+        rows = [
+            ("plain", base, 10),
+            ("diversity 0.5, fetch-k 1000", latencies(lambda q: search_index(index, q, 10, diverse), xq), 10),  # noqa: B023 (timed inside this iteration)
+            ('where "bucket = 3" (10%)', latencies(filtered, xq), len(filtered(xq[:1])[0][1])),
+            ("two indexes", latencies(both, xq), 10),
+        ]
         for name, times, hits in rows:
             reference = max(np.median(base), np.median(other_alone)) if name == "two indexes" else np.median(base)
             e2e = (np.median(times) + np.median(encode)) / (reference + np.median(encode))
-            print(f"{kind:6} {name:28} {np.median(times):8.2f} {np.percentile(times, 95):8.2f} "
-                  f"{np.median(times) / reference:8.2f}x {e2e:10.2f}x  {hits}", flush=True)
+            print(
+                f"{kind:6} {name:28} {np.median(times):8.2f} {np.percentile(times, 95):8.2f} "
+                f"{np.median(times) / reference:8.2f}x {e2e:10.2f}x  {hits}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def pooled_rate(texts, processes: int) -> float:
         pool.map(_fast_in_worker, [texts[:100]] * processes)  # start them, load the vocabulary
         step = 8192
         start = time.perf_counter()
-        parts = pool.map(_fast_in_worker, [texts[i:i + step] for i in range(0, len(texts), step)])
+        parts = pool.map(_fast_in_worker, [texts[i : i + step] for i in range(0, len(texts), step)])
         np.concatenate(parts)
         return len(texts) / (time.perf_counter() - start)
 
@@ -68,10 +68,12 @@ def tokenization(name: str, texts: list[str], processes: int) -> list[str]:
     warm = rate(fast, texts)
     same = bool((fast(texts[:20000]) == slow(texts[:20000])).all())
     python = rate(FastClipTokenizer(open_clip.tokenizer.SimpleTokenizer(), rust=False), texts)
-    rows = [f"| {name}: open_clip `SimpleTokenizer` | {reference:,.0f} | 1.0x | |",
-            f"| {name}: retriever, new words by HF tokenizers (cold cache) | {cold:,.0f} | {cold / reference:.1f}x | {same} |",
-            f"| {name}: retriever, new words by open_clip's bpe (cold cache) | {python:,.0f} | {python / reference:.1f}x | |",
-            f"| {name}: retriever, warm word cache | {warm:,.0f} | {warm / reference:.1f}x | |"]
+    rows = [
+        f"| {name}: open_clip `SimpleTokenizer` | {reference:,.0f} | 1.0x | |",
+        f"| {name}: retriever, new words by HF tokenizers (cold cache) | {cold:,.0f} | {cold / reference:.1f}x | {same} |",
+        f"| {name}: retriever, new words by open_clip's bpe (cold cache) | {python:,.0f} | {python / reference:.1f}x | |",
+        f"| {name}: retriever, warm word cache | {warm:,.0f} | {warm / reference:.1f}x | |",
+    ]
     if processes > 1:
         pooled = pooled_rate(texts, processes)
         rows.append(f"| {name}: retriever, {processes} processes | {pooled:,.0f} | {pooled / reference:.1f}x | |")
@@ -91,14 +93,23 @@ def build(n: int, batch_size: int) -> list[str]:
             os.environ["RETRIEVER_TOKENIZER"] = env
             model = load_model("toyworld", device="cpu")
             start = time.perf_counter()
-            result = build_index(corpus, Path(tmp) / label, model, batch_size=batch_size, index_type="flat",
-                                 show_progress_bar=False, store_vectors=False)
+            result = build_index(
+                corpus,
+                Path(tmp) / label,
+                model,
+                batch_size=batch_size,
+                index_type="flat",
+                show_progress_bar=False,
+                store_vectors=False,
+            )
             results[label] = result.report.kept / (time.perf_counter() - start)
         os.environ.pop("RETRIEVER_TOKENIZER")
     base = results["open_clip"]
-    return [f"| build, toyworld, {n:,} captions: open_clip tokenizer | {base:,.0f} | 1.0x | |",
-            f"| build, toyworld, {n:,} captions: retriever tokenizer + prefetch | {results['retriever']:,.0f} | "
-            f"{results['retriever'] / base:.2f}x | |"]
+    return [
+        f"| build, toyworld, {n:,} captions: open_clip tokenizer | {base:,.0f} | 1.0x | |",
+        f"| build, toyworld, {n:,} captions: retriever tokenizer + prefetch | {results['retriever']:,.0f} | "
+        f"{results['retriever'] / base:.2f}x | |",
+    ]
 
 
 def main() -> None:
@@ -111,7 +122,7 @@ def main() -> None:
     print(machine(), f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     print("| what | texts/s | vs open_clip | same ids |")
     print("| --- | --- | --- | --- |")
-    for row in tokenization("flavors", flavors()[:args.n], args.processes):
+    for row in tokenization("flavors", flavors()[: args.n], args.processes):
         print(row, flush=True)
     for row in tokenization("captions", synthetic_captions(args.n, seed=3), args.processes):
         print(row, flush=True)

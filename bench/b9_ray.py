@@ -50,8 +50,16 @@ def main() -> None:
         """(wall seconds, CPU seconds of every process involved) of one build."""
         out = work / f"{engine}-{i}"
         cpu = time.process_time()
-        result = build_index(corpus, out, model, chunk_size=args.chunk_size, index_type="flat",
-                             show_progress_bar=False, engine=engine, ray=options if engine == "ray" else None)
+        result = build_index(
+            corpus,
+            out,
+            model,
+            chunk_size=args.chunk_size,
+            index_type="flat",
+            show_progress_bar=False,
+            engine=engine,
+            ray=options if engine == "ray" else None,
+        )
         cpu = time.process_time() - cpu + (last_timings["workers_cpu_s"] if engine == "ray" else 0)
         shutil.rmtree(out)
         return result.seconds, cpu
@@ -74,8 +82,10 @@ def main() -> None:
     row("local (1 process)", *local)
     row("ray (all)", *distributed)
     row("ray less actor start-up", distributed[0] - startup[0], distributed[1] - startup[1])
-    print(f"actor start-up inside that build (import torch, load the model; {args.workers} at once): "
-          f"{startup[0]:.1f} s wall, {startup[1]:.1f} CPU-s")
+    print(
+        f"actor start-up inside that build (import torch, load the model; {args.workers} at once): "
+        f"{startup[0]:.1f} s wall, {startup[1]:.1f} CPU-s"
+    )
     shutil.rmtree(work)
     ray.shutdown()
 

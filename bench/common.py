@@ -33,7 +33,9 @@ def random_model(name: str = "ViT-B-32", seed: int = 0):
 
     torch.manual_seed(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(name)
-    return wrap_model(ModelSpec(name, "random"), model, preprocess, open_clip.get_tokenizer(name), f"{name}/random-{seed}", "cpu")
+    return wrap_model(
+        ModelSpec(name, "random"), model, preprocess, open_clip.get_tokenizer(name), f"{name}/random-{seed}", "cpu"
+    )
 
 
 def flavors() -> list[str]:

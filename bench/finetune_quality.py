@@ -53,8 +53,10 @@ def main() -> None:
         options = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, workers=1)
         result = finetune(train, Path(tmp) / "out", "toyworld", val=val, options=options, show_progress_bar=False)
     data = "small-shape images, original captions" if args.small_only else "images with restyled captions"
-    print(f"toyworld fine-tuned on {args.train} {data}, {args.epochs} epochs, batch "
-          f"{args.batch_size}, lr {args.lr}; held-out: {args.val} images (R@1 counts distinct held-out captions)")
+    print(
+        f"toyworld fine-tuned on {args.train} {data}, {args.epochs} epochs, batch "
+        f"{args.batch_size}, lr {args.lr}; held-out: {args.val} images (R@1 counts distinct held-out captions)"
+    )
     for report in [result.before, *result.epochs]:
         label = "before" if report.epoch == 0 else f"epoch {report.epoch}"
         print(f"  {label:8s} R@1 {report.recall_at_1:.3f}  val loss {report.val_loss:.4f}")

@@ -34,6 +34,7 @@ ROWS: list[tuple[str, str, str, bool]] = []  # (check, result, seconds, ok)
 
 def row(check: str):
     """Run a check; a failure is a FAIL row with its one-line reason, and the rest still run."""
+
     def wrap(fn):
         def run(*args, **kwargs):
             start = time.perf_counter()
@@ -45,7 +46,9 @@ def row(check: str):
                 traceback.print_exc(file=sys.stderr)
             ROWS.append((check, result, f"{time.perf_counter() - start:.1f}", ok))
             print(f"[gpu_check] {check}: {result}", file=sys.stderr, flush=True)
+
         return run
+
     return wrap
 
 
@@ -63,8 +66,10 @@ def require_gpu() -> str | None:
     except ImportError:
         return "torch is not installed"
     if not torch.cuda.is_available():
-        return (f"no CUDA GPU: torch {torch.__version__} sees none (torch.cuda.is_available() is False; "
-                f"CUDA build: {torch.version.cuda or 'none, a CPU-only torch'})")
+        return (
+            f"no CUDA GPU: torch {torch.__version__} sees none (torch.cuda.is_available() is False; "
+            f"CUDA build: {torch.version.cuda or 'none, a CPU-only torch'})"
+        )
     try:
         import faiss
     except ImportError:
@@ -119,7 +124,9 @@ def check_precision(loaded, texts, images, device, batch):
         cos_t = float((out[name][0] * out["fp32"][0]).sum(1).min())
         cos_i = float((out[name][1] * out["fp32"][1]).sum(1).min())
         ok &= bool(min(cos_t, cos_i) > 0.99)
-        parts.append(f"{name}: min cosine texts {cos_t:.4f}, images {cos_i:.4f}, {out[name][2] / out['fp32'][2]:.1f}x fp32 speed")
+        parts.append(
+            f"{name}: min cosine texts {cos_t:.4f}, images {cos_i:.4f}, {out[name][2] / out['fp32'][2]:.1f}x fp32 speed"
+        )
     return "; ".join(parts), ok
 
 
@@ -171,9 +178,11 @@ def _check_faiss(factory, n, d, device):
     recall = recall_at_k(I, gt, 10)
     ok = I5.shape == (100, big_k) and agree >= (0.999 if factory == "Flat" else 0.95) and bool((I5[:, :10] >= 0).all())
     where = "GPU" if placement.on_gpu else "CPU"
-    return (f"{where} ({placement.reason}); n={n:,} d={d}; build {build_s:.1f} s; 100 queries k=10 in "
-            f"{search_s * 1000:.1f} ms; recall@10 {recall:.3f}; same as CPU index {agree:.3f}; k={big_k} "
-            f"gave {I5.shape[1]} ids"), ok
+    return (
+        f"{where} ({placement.reason}); n={n:,} d={d}; build {build_s:.1f} s; 100 queries k=10 in "
+        f"{search_s * 1000:.1f} ms; recall@10 {recall:.3f}; same as CPU index {agree:.3f}; k={big_k} "
+        f"gave {I5.shape[1]} ids"
+    ), ok
 
 
 @row("CoCa generation (toyworld-coca): greedy and beam x6, same tokens as on the CPU")
@@ -198,7 +207,9 @@ def check_coca(device, n_images, batch):
         want = cpu.caption(images[:4], opts)
         same &= got[:4] == want
         exact = sum(g == c for g, c in zip(got, captions)) / len(captions)
-        rows.append(f"{'greedy' if beams == 1 else 'beam x6'} {rate:.1f} captions/s at batch {batch}, exact {exact:.2f}")
+        rows.append(
+            f"{'greedy' if beams == 1 else 'beam x6'} {rate:.1f} captions/s at batch {batch}, exact {exact:.2f}"
+        )
     return "; ".join(rows) + f"; same as CPU: {same}", same
 
 
@@ -214,15 +225,31 @@ def check_finetune(device, batch, steps):
             lines.append(f"{i}.png\t{cap}")
         (Path(tmp) / "pairs.tsv").write_text("\n".join(lines) + "\n")
         losses = []
-        opts = TrainOptions(epochs=1, batch_size=batch, lr=1e-5, precision="amp" if device == "cuda" else "fp32",
-                            workers=2, eval_images=8)
-        result = finetune(Path(tmp) / "pairs.tsv", Path(tmp) / "out", "toyworld", options=opts, device=device,
-                          show_progress_bar=False,
-                          on_event=lambda kind, info: losses.append(info.get("loss")) if kind == "step" else None)
+        opts = TrainOptions(
+            epochs=1,
+            batch_size=batch,
+            lr=1e-5,
+            precision="amp" if device == "cuda" else "fp32",
+            workers=2,
+            eval_images=8,
+        )
+        result = finetune(
+            Path(tmp) / "pairs.tsv",
+            Path(tmp) / "out",
+            "toyworld",
+            options=opts,
+            device=device,
+            show_progress_bar=False,
+            on_event=lambda kind, info: losses.append(info.get("loss")) if kind == "step" else None,
+        )
     losses = [x for x in losses if x is not None]
     ok = len(losses) == steps and all(math.isfinite(x) for x in losses)
-    return f"{len(losses)} steps, precision {opts.precision}, loss {losses[0]:.4f} -> {losses[-1]:.4f}" \
-        if losses else f"no steps ran ({result})", ok
+    return (
+        f"{len(losses)} steps, precision {opts.precision}, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+        if losses
+        else f"no steps ran ({result})",
+        ok,
+    )
 
 
 @row("serve: 100 queries over HTTP")
@@ -249,8 +276,10 @@ def check_serve(index_dir, device, n_queries):
         hits = r.json().get("hits") or r.json().get("results") or []
         right += bool(hits) and hits[0].get("text") == cap
     p50, p95 = np.percentile(latencies, [50, 95]) * 1000
-    return f"{n_queries} queries, {errors} errors, top-1 right {right}/{n_queries}, p50 {p50:.1f} ms, p95 {p95:.1f} ms", \
-        errors == 0
+    return (
+        f"{n_queries} queries, {errors} errors, top-1 right {right}/{n_queries}, p50 {p50:.1f} ms, p95 {p95:.1f} ms",
+        errors == 0,
+    )
 
 
 @row("B1: build throughput")
@@ -262,11 +291,15 @@ def check_b1(loaded, texts, device, batch):
         corpus.write_text("\n".join(texts) + "\n")
         sync(device)
         start = time.perf_counter()
-        result = build_index(corpus, Path(tmp) / "index", loaded, batch_size=batch, index_type="flat",
-                             show_progress_bar=False)
+        result = build_index(
+            corpus, Path(tmp) / "index", loaded, batch_size=batch, index_type="flat", show_progress_bar=False
+        )
         sync(device)
         rate = result.report.kept / (time.perf_counter() - start)
-    return f"{loaded.spec.name}, {result.report.kept:,} texts, batch {batch}: {rate:,.0f} texts/s", result.report.kept > 0
+    return (
+        f"{loaded.spec.name}, {result.report.kept:,} texts, batch {batch}: {rate:,.0f} texts/s",
+        result.report.kept > 0,
+    )
 
 
 @row("B2: single-image query latency")
@@ -307,8 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         why = require_gpu()
         if why:
-            print(f"gpu_check: cannot run: {why}. (For a dry run of the same code on the CPU: "
-                  "python bench/gpu_check.py --device cpu --quick)", file=sys.stderr)
+            print(
+                f"gpu_check: cannot run: {why}. (For a dry run of the same code on the CPU: "
+                "python bench/gpu_check.py --device cpu --quick)",
+                file=sys.stderr,
+            )
             return 2
     import torch
 
@@ -324,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     images, _ = toy_images(16 if quick else 512)
     batch = 64 if quick else 1024
     start = time.perf_counter()
-    check_precision(loaded, texts[:200 if quick else 20_000], images, device, batch)
+    check_precision(loaded, texts[: 200 if quick else 20_000], images, device, batch)
     check_flat(6_000 if quick else 1_000_000, 64 if quick else 512, device)
     check_ivfpq(5_000 if quick else 1_000_000, 64 if quick else 512, 16 if quick else 4096, 8 if quick else 64, device)
     check_coca(device, 8 if quick else 256, 8 if quick else 64)
@@ -342,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {check} | {result} | {seconds} | {'yes' if ok else 'NO'} |")
     failed = [r for r in ROWS if not r[3]]
     if failed:
-        print(f"\ngpu_check: {len(failed)} of {len(ROWS)} checks failed: {', '.join(r[0] for r in failed)}",
-              file=sys.stderr)
+        print(
+            f"\ngpu_check: {len(failed)} of {len(ROWS)} checks failed: {', '.join(r[0] for r in failed)}",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 

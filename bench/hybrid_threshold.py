@@ -34,8 +34,12 @@ def main() -> None:
         retrieved = retriever.query_many(images, k=5)
         best = np.array([hits[0].score for hits in retrieved])
         present = np.array([cap not in missing for _, cap in pairs])
-        print(f"best score, caption in index:     min {best[present].min():.3f}  p5 {np.percentile(best[present], 5):.3f}  median {np.median(best[present]):.3f}")
-        print(f"best score, caption not in index: max {best[~present].max():.3f}  p95 {np.percentile(best[~present], 95):.3f}  median {np.median(best[~present]):.3f}")
+        print(
+            f"best score, caption in index:     min {best[present].min():.3f}  p5 {np.percentile(best[present], 5):.3f}  median {np.median(best[present]):.3f}"
+        )
+        print(
+            f"best score, caption not in index: max {best[~present].max():.3f}  p95 {np.percentile(best[~present], 95):.3f}  median {np.median(best[~present]):.3f}"
+        )
         for threshold in (0.7, 0.75, 0.78, 0.8, 0.85):
             errors = np.mean((best < threshold) == present)
             print(f"threshold {threshold:.2f}: {errors:.3f} of images on the wrong side")
@@ -46,8 +50,10 @@ def main() -> None:
         r_match = np.mean([h[0].text == t for h, t in zip(retrieved, truth)])
         h_match = np.mean([h[0].text == t for h, t in zip(hybrid, truth)])
         generated = np.mean([h[0].source == "generated" for h in hybrid])
-        print(f"exact match at the default {DEFAULT_MIN_SCORE['toyworld']}: retrieve {r_match:.3f}, hybrid {h_match:.3f} "
-              f"({generated:.2f} of top answers generated; {len(missing)} of 256 captions missing from the index)")
+        print(
+            f"exact match at the default {DEFAULT_MIN_SCORE['toyworld']}: retrieve {r_match:.3f}, hybrid {h_match:.3f} "
+            f"({generated:.2f} of top answers generated; {len(missing)} of 256 captions missing from the index)"
+        )
 
 
 if __name__ == "__main__":

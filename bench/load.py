@@ -52,13 +52,40 @@ def main() -> None:
         corpus = Path(tmp) / "toy.txt"
         corpus.write_text("\n".join(toyworld.all_captions()) + "\n")
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        subprocess.run([sys.executable, "-m", "retriever", "build-index", str(corpus), "--model", "toyworld",
-                        "--out", f"{tmp}/toy", "--quiet"], env=env, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "retriever",
+                "build-index",
+                str(corpus),
+                "--model",
+                "toyworld",
+                "--out",
+                f"{tmp}/toy",
+                "--quiet",
+            ],
+            env=env,
+            check=True,
+        )
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = subprocess.Popen([sys.executable, "-m", "retriever", "serve", "--index", f"{tmp}/toy",
-                                   "--generator", "toyworld-coca", "--port", str(port)], env=env)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "retriever",
+                "serve",
+                "--index",
+                f"{tmp}/toy",
+                "--generator",
+                "toyworld-coca",
+                "--port",
+                str(port),
+            ],
+            env=env,
+        )
         url = f"http://127.0.0.1:{port}"
         for _ in range(300):
             try:
@@ -77,8 +104,11 @@ def main() -> None:
                 while time.perf_counter() < stop_at:
                     start = time.perf_counter()
                     try:
-                        r = http.post(url + "/v1/query", files={"image": ("q.png", images[i % len(images)], "image/png")},
-                                      data={"k": "10", "mode": args.mode})
+                        r = http.post(
+                            url + "/v1/query",
+                            files={"image": ("q.png", images[i % len(images)], "image/png")},
+                            data={"k": "10", "mode": args.mode},
+                        )
                         ok = r.status_code == 200
                         detail = f"{r.status_code}"
                     except httpx.HTTPError as e:
@@ -104,11 +134,17 @@ def main() -> None:
         server.terminate()
         server.wait(10)
     lat = np.array(latencies) * 1e3
-    print(f"{args.clients} clients, {duration:.0f}s, mode {args.mode}: {len(latencies)} answered, {len(errors)} errors"
-          f"{' (' + ', '.join(sorted(set(errors))) + ')' if errors else ''}")
-    print(f"throughput {len(latencies) / duration:.1f} queries/s; latency p50 {np.percentile(lat, 50):.0f} ms, "
-          f"p95 {np.percentile(lat, 95):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms")
-    print(f"server RSS at each minute: {', '.join(f'{r / 1024:.0f} MiB' for r in rss_by_minute) or '-'}; peak {peak / 1024:.0f} MiB")
+    print(
+        f"{args.clients} clients, {duration:.0f}s, mode {args.mode}: {len(latencies)} answered, {len(errors)} errors"
+        f"{' (' + ', '.join(sorted(set(errors))) + ')' if errors else ''}"
+    )
+    print(
+        f"throughput {len(latencies) / duration:.1f} queries/s; latency p50 {np.percentile(lat, 50):.0f} ms, "
+        f"p95 {np.percentile(lat, 95):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms"
+    )
+    print(
+        f"server RSS at each minute: {', '.join(f'{r / 1024:.0f} MiB' for r in rss_by_minute) or '-'}; peak {peak / 1024:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text("\n".join(toyworld.all_captions("zh") + distractor_lines(10_000, seed=777)) + "\n",
-                          encoding="utf-8")
+        corpus.write_text(
+            "\n".join(toyworld.all_captions("zh") + distractor_lines(10_000, seed=777)) + "\n", encoding="utf-8"
+        )
         out = build_index(corpus, Path(tmp) / "idx", load_model("toyworld-zh", device="cpu"), show_progress_bar=False)
         retriever = Retriever.open(out.path)
         for style in ["random", None, *toyworld.HELD_OUT_STYLES]:

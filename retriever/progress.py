@@ -39,8 +39,16 @@ class progress:
                 speed = task.speed or 0
                 return Text(f"{speed:,.0f} {unit}/s" if speed >= 10 else f"{speed:.2f} {unit}/s")
 
-        self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), Speed(), TimeRemainingColumn(),
-                            TextColumn("{task.fields[info]}"), console=Console(stderr=True), transient=True)
+        self.bar = Progress(
+            TextColumn(self.label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            Speed(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=Console(stderr=True),
+            transient=True,
+        )
         self.bar.start()
         task = self.bar.add_task("", total=self.total, info="")
 

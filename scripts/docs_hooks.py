@@ -58,7 +58,9 @@ def openapi_reference(schema: dict[str, Any]) -> str:
                 out.append("| parameter | in | required | type |\n| --- | --- | --- | --- |")
                 for p in params:
                     kind = p.get("schema", {}).get("type", "")
-                    out.append(f"| `{p['name']}` | {p.get('in', '')} | {'yes' if p.get('required') else 'no'} | {kind} |")
+                    out.append(
+                        f"| `{p['name']}` | {p.get('in', '')} | {'yes' if p.get('required') else 'no'} | {kind} |"
+                    )
                 out.append("")
             body = op.get("requestBody", {}).get("content", {})
             for content_type, media in body.items():

@@ -52,10 +52,12 @@ def render_pool(scenes, preprocess, per_scene: int, seed: int) -> torch.Tensor:
         style = toyworld.random_style(np.random.default_rng(image_seed + 1))
         return preprocess(toyworld.render(scene, seed=image_seed, style=style))
 
-    return torch.stack([
-        torch.stack([one(s, seed * 1_000_000 + v * 1000 + i) for i, s in enumerate(scenes)]).to(torch.float16)
-        for v in range(per_scene)
-    ])
+    return torch.stack(
+        [
+            torch.stack([one(s, seed * 1_000_000 + v * 1000 + i) for i, s in enumerate(scenes)]).to(torch.float16)
+            for v in range(per_scene)
+        ]
+    )
 
 
 def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -134,8 +136,9 @@ def main() -> None:
     partial_texts = [toyworld.partial_captions(t) for t in templates]
     partial_tokens = tokenizer([text for texts in partial_texts for text in texts])
     # For each template, which of its texts each scene owns: [templates, scenes].
-    owner = torch.tensor([[texts.index(toyworld.partial_caption(t, s)) for s in scenes]
-                          for t, texts in zip(templates, partial_texts)])
+    owner = torch.tensor(
+        [[texts.index(toyworld.partial_caption(t, s)) for s in scenes] for t, texts in zip(templates, partial_texts)]
+    )
     bounds = torch.tensor([0] + [len(t) for t in partial_texts]).cumsum(0).tolist()
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
@@ -164,17 +167,35 @@ def main() -> None:
             model.logit_scale.clamp_(0, math.log(100))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             r1 = recall_at_1(model, tokenizer, preprocess)
-            held_out = {name: recall_at_1(model, tokenizer, preprocess, n=256, style=name) for name in toyworld.HELD_OUT_STYLES}
+            held_out = {
+                name: recall_at_1(model, tokenizer, preprocess, n=256, style=name) for name in toyworld.HELD_OUT_STYLES
+            }
             shown = "  ".join(f"{name} {r:.3f}" for name, r in held_out.items())
-            print(f"step {step + 1:5d}  loss {loss.item():.4f}  held-out R@1 {r1:.3f}  styles: {shown}  "
-                  f"{time.perf_counter() - start:.0f}s", flush=True)
+            print(
+                f"step {step + 1:5d}  loss {loss.item():.4f}  held-out R@1 {r1:.3f}  styles: {shown}  "
+                f"{time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    write_config(args.out, MODEL_CFG, {"training": {
-        "script": "scripts/train_toyworld.py", "steps": args.steps, "seed": args.seed, "lr": args.lr,
-        "threads": args.threads, "seconds": round(time.perf_counter() - start), "heldout_r_at_1": r1,
-        "heldout_styles_r_at_1": held_out, "partial_weight": args.partial_weight, "version": 2,
-    }})
+    write_config(
+        args.out,
+        MODEL_CFG,
+        {
+            "training": {
+                "script": "scripts/train_toyworld.py",
+                "steps": args.steps,
+                "seed": args.seed,
+                "lr": args.lr,
+                "threads": args.threads,
+                "seconds": round(time.perf_counter() - start),
+                "heldout_r_at_1": r1,
+                "heldout_styles_r_at_1": held_out,
+                "partial_weight": args.partial_weight,
+                "version": 2,
+            }
+        },
+    )
     save_file(state, str(args.out / "open_clip_model.safetensors"))
     print(f"saved {args.out}")
 

@@ -32,12 +32,34 @@ from retriever.models import toyworld
 CONTEXT = 10  # the longest toy caption is 9 tokens with its start and end markers
 MODEL_CFG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 128, "layers": 3, "head_width": 32,
-                   "attentional_pool": True, "attn_pooler_queries": 16, "attn_pooler_heads": 4, "output_tokens": True},
-    "text_cfg": {"context_length": CONTEXT, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3,
-                 "embed_cls": True, "output_tokens": True},
-    "multimodal_cfg": {"context_length": CONTEXT, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3,
-                       "attn_pooler_heads": 4},
+    "vision_cfg": {
+        "image_size": 64,
+        "patch_size": 16,
+        "width": 128,
+        "layers": 3,
+        "head_width": 32,
+        "attentional_pool": True,
+        "attn_pooler_queries": 16,
+        "attn_pooler_heads": 4,
+        "output_tokens": True,
+    },
+    "text_cfg": {
+        "context_length": CONTEXT,
+        "vocab_size": 49408,
+        "width": 64,
+        "heads": 4,
+        "layers": 3,
+        "embed_cls": True,
+        "output_tokens": True,
+    },
+    "multimodal_cfg": {
+        "context_length": CONTEXT,
+        "vocab_size": 49408,
+        "width": 64,
+        "heads": 4,
+        "layers": 3,
+        "attn_pooler_heads": 4,
+    },
     "custom_text": True,
 }
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "retriever" / "models" / "weights" / "toyworld-coca"
@@ -54,7 +76,9 @@ def exact_match(model, tokenizer, preprocess, n: int = 256, seed: int = 10_000, 
     _, image_embs = model._encode_image(images)
     out = torch.full((n, 1), tokenizer.sot_token_id, dtype=torch.long)
     for _ in range(CONTEXT - 1):
-        logits = model(None, out, image_latent=torch.zeros(1), image_embs=image_embs, output_labels=False)["logits"][:, -1]
+        logits = model(None, out, image_latent=torch.zeros(1), image_embs=image_embs, output_labels=False)["logits"][
+            :, -1
+        ]
         out = torch.cat([out, logits.argmax(dim=-1, keepdim=True)], dim=1)
     model.train()
     texts = [open_clip.decode(row).split("<end_of_text>")[0].replace("<start_of_text>", "").strip() for row in out]
@@ -79,8 +103,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--contrastive-weight", type=float, default=1.0)
     parser.add_argument("--negatives", type=int, default=2048, help="random vocabulary tokens scored per step")
-    parser.add_argument("--init-visual-from", default="toyworld",
-                        help="bundled CLIP whose vision trunk starts the CoCa's ('' for random)")
+    parser.add_argument(
+        "--init-visual-from",
+        default="toyworld",
+        help="bundled CLIP whose vision trunk starts the CoCa's ('' for random)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 
@@ -100,7 +127,9 @@ def main() -> None:
         trunk = {k: v for k, v in clip_visual.items() if not k.startswith(("proj", "ln_post"))}
         missing, unexpected = model.visual.load_state_dict(trunk, strict=False)
         assert not unexpected, unexpected
-        print(f"vision trunk from {args.init_visual_from}: {len(trunk)} tensors; new: {', '.join(sorted({m.split('.')[0] for m in missing}))}")
+        print(
+            f"vision trunk from {args.init_visual_from}: {len(trunk)} tensors; new: {', '.join(sorted({m.split('.')[0] for m in missing}))}"
+        )
     preprocess = open_clip.image_transform(64, is_train=False, mean=PREPROCESS_CFG["mean"], std=PREPROCESS_CFG["std"])
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=CONTEXT)
     optimizer = adamw(model, args.lr)
@@ -133,17 +162,37 @@ def main() -> None:
         optimizer.step()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             match = exact_match(model, tokenizer, preprocess)
-            held_out = {name: exact_match(model, tokenizer, preprocess, n=128, style=name) for name in toyworld.HELD_OUT_STYLES}
+            held_out = {
+                name: exact_match(model, tokenizer, preprocess, n=128, style=name) for name in toyworld.HELD_OUT_STYLES
+            }
             shown = "  ".join(f"{name} {m:.3f}" for name, m in held_out.items())
-            print(f"step {step + 1:5d}  loss {loss.item():.4f}  held-out exact match {match:.3f}  styles: {shown}  "
-                  f"{time.perf_counter() - start:.0f}s", flush=True)
+            print(
+                f"step {step + 1:5d}  loss {loss.item():.4f}  held-out exact match {match:.3f}  styles: {shown}  "
+                f"{time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    write_config(args.out, MODEL_CFG, {"training": {
-        "script": "scripts/train_toyworld_coca.py", "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
-        "lr": args.lr, "contrastive_weight": args.contrastive_weight, "threads": args.threads, "init_visual_from": args.init_visual_from, "seconds": round(time.perf_counter() - start), "heldout_exact_match": match,
-        "heldout_styles_exact_match": held_out, "version": 2,
-    }})
+    write_config(
+        args.out,
+        MODEL_CFG,
+        {
+            "training": {
+                "script": "scripts/train_toyworld_coca.py",
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "seed": args.seed,
+                "lr": args.lr,
+                "contrastive_weight": args.contrastive_weight,
+                "threads": args.threads,
+                "init_visual_from": args.init_visual_from,
+                "seconds": round(time.perf_counter() - start),
+                "heldout_exact_match": match,
+                "heldout_styles_exact_match": held_out,
+                "version": 2,
+            }
+        },
+    )
     save_file(state, str(args.out / "open_clip_model.safetensors"))
     print(f"saved {args.out}")
 

@@ -36,8 +36,10 @@ def main() -> None:
         result = train_style(corpus, args.out, "toyworld", val=corpus, options=OPTIONS, overwrite=True, device="cpu")
     shutil.rmtree(args.out / STATE_DIR)  # the resumable state is not shipped
     last = result.epochs[-1]
-    print(f"wrote {args.out}: {result.parameters:,} parameters, {result.vocab_size} tokens, "
-          f"reconstruction exact match {last.exact_match:.3f}, {result.seconds:.0f}s")
+    print(
+        f"wrote {args.out}: {result.parameters:,} parameters, {result.vocab_size} tokens, "
+        f"reconstruction exact match {last.exact_match:.3f}, {result.seconds:.0f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -42,23 +42,49 @@ from retriever.models.cnclip_net import ChineseCLIP
 from retriever.models.wordpiece import WordPieceTokenizer, is_cjk
 
 MODEL_CFG = {
-    "embed_dim": 128, "image_resolution": 64, "vision_layers": 3, "vision_width": 128, "vision_patch_size": 16,
+    "embed_dim": 128,
+    "image_resolution": 64,
+    "vision_layers": 3,
+    "vision_width": 128,
+    "vision_patch_size": 16,
     "vision_head_width": 32,
-    "vocab_size": 21128, "text_hidden_size": 128, "text_intermediate_size": 512, "text_max_position_embeddings": 64,
-    "text_num_attention_heads": 4, "text_num_hidden_layers": 2, "text_type_vocab_size": 2,
+    "vocab_size": 21128,
+    "text_hidden_size": 128,
+    "text_intermediate_size": 512,
+    "text_max_position_embeddings": 64,
+    "text_num_attention_heads": 4,
+    "text_num_hidden_layers": 2,
+    "text_type_vocab_size": 2,
 }
 CONTEXT_LENGTH = 52
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "retriever" / "models" / "weights" / "toyworld-zh"
 ENGLISH = ROOT / "retriever" / "models" / "weights" / "toyworld" / "open_clip_model.safetensors"
-PARTIAL_TEMPLATES_ZH = ("{colour}", "{shape}", "{size}的", "{position}", "{colour}{shape}", "{size}的{shape}",
-                        "{size}的{colour}{shape}", "{position}有一个{shape}", "{position}有一个{colour}{shape}")
+PARTIAL_TEMPLATES_ZH = (
+    "{colour}",
+    "{shape}",
+    "{size}的",
+    "{position}",
+    "{colour}{shape}",
+    "{size}的{shape}",
+    "{size}的{colour}{shape}",
+    "{position}有一个{shape}",
+    "{position}有一个{colour}{shape}",
+)
 # Words outside the world, for distractor captions; the tests use OTHER_WORDS["test"].
 OTHER_WORDS = {
-    "train": {"size": ["中等", "很小", "极大"], "colour": ["粉色", "棕色", "灰色", "金色", "青色"],
-              "shape": ["椭圆形", "六边形", "菱形", "心形", "长方形"], "position": ["中间", "左上角", "右下角", "外面"]},
-    "test": {"size": ["微小", "巨大", "中号"], "colour": ["银色", "褐色", "米色", "天蓝色", "深红色"],
-             "shape": ["梯形", "十字形", "月牙形", "五边形", "箭头"], "position": ["正中", "右上角", "左下角", "里面"]},
+    "train": {
+        "size": ["中等", "很小", "极大"],
+        "colour": ["粉色", "棕色", "灰色", "金色", "青色"],
+        "shape": ["椭圆形", "六边形", "菱形", "心形", "长方形"],
+        "position": ["中间", "左上角", "右下角", "外面"],
+    },
+    "test": {
+        "size": ["微小", "巨大", "中号"],
+        "colour": ["银色", "褐色", "米色", "天蓝色", "深红色"],
+        "shape": ["梯形", "十字形", "月牙形", "五边形", "箭头"],
+        "position": ["正中", "右上角", "左下角", "里面"],
+    },
 }
 
 
@@ -79,7 +105,7 @@ def distractor_lines(n: int, seed: int, words: str = "train") -> list[str]:
                 parts = {k: toyworld.ZH[getattr(scene, k)] for k in other}
                 parts[slot] = word
                 near.append(f"{parts['position']}有一个{parts['size']}的{parts['colour']}{parts['shape']}")
-    near = [near[i] for i in rng.permutation(len(near))[:n // 2]]
+    near = [near[i] for i in rng.permutation(len(near))[: n // 2]]
     chars = [w for w in WordPieceTokenizer().vocab if len(w) == 1 and is_cjk(w)]
     real, out = set(toyworld.all_captions("zh")), dict.fromkeys(near)
     while len(out) < n:
@@ -112,12 +138,14 @@ def head(model, tokens: torch.Tensor, frozen: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def image_features_of(model, pixels: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    return torch.cat([model.encode_image(pixels[i:i + batch].float(), normalize=True) for i in range(0, len(pixels), batch)])
+    return torch.cat(
+        [model.encode_image(pixels[i : i + batch].float(), normalize=True) for i in range(0, len(pixels), batch)]
+    )
 
 
 @torch.inference_mode()
 def trunk_of(model, pixels: torch.Tensor, frozen: int, batch: int = 512) -> torch.Tensor:
-    return torch.cat([trunk(model, pixels[i:i + batch].float(), frozen) for i in range(0, len(pixels), batch)])
+    return torch.cat([trunk(model, pixels[i : i + batch].float(), frozen) for i in range(0, len(pixels), batch)])
 
 
 def held_out_set(preprocess, n: int, seed: int, style: str | None) -> tuple[torch.Tensor, list[str]]:
@@ -142,7 +170,9 @@ def main() -> None:
     parser.add_argument("--partial-weight", type=float, default=0.5, help="weight of the partial-caption loss")
     parser.add_argument("--negatives", type=int, default=64, help="distractor lines per batch")
     parser.add_argument("--train-image-tower", action="store_true", help="train all of the image tower (slow on a CPU)")
-    parser.add_argument("--train-blocks", type=int, default=2, help="last image-tower blocks to train (the rest stay frozen)")
+    parser.add_argument(
+        "--train-blocks", type=int, default=2, help="last image-tower blocks to train (the rest stay frozen)"
+    )
     parser.set_defaults(lr=2e-3, warmup=20)  # the bundled weights' run
     args = parser.parse_args()
 
@@ -168,14 +198,19 @@ def main() -> None:
     if not args.train_image_tower:
         pool_tokens = trunk_of(model, pool.flatten(0, 1), frozen).view(*pool.shape[:2], -1, MODEL_CFG["vision_width"])
         with torch.inference_mode():  # the split tower is the tower
-            assert torch.allclose(head(model, trunk(model, pool[0, :8].float(), frozen), frozen),
-                                  model.encode_image(pool[0, :8].float(), normalize=True), atol=1e-4)
+            assert torch.allclose(
+                head(model, trunk(model, pool[0, :8].float(), frozen), frozen),
+                model.encode_image(pool[0, :8].float(), normalize=True),
+                atol=1e-4,
+            )
     checks = {"random": held_out_set(preprocess, 512, 10_000, "random")}
     checks |= {name: held_out_set(preprocess, 256, 10_000, name) for name in toyworld.HELD_OUT_STYLES}
     all_tokens = tokenizer([s.caption_zh for s in scenes])
     partial_texts = [list(dict.fromkeys(zh(t, s) for s in scenes)) for t in PARTIAL_TEMPLATES_ZH]
     partial_tokens = tokenizer([text for texts in partial_texts for text in texts])
-    owner = torch.tensor([[texts.index(zh(t, s)) for s in scenes] for t, texts in zip(PARTIAL_TEMPLATES_ZH, partial_texts)])
+    owner = torch.tensor(
+        [[texts.index(zh(t, s)) for s in scenes] for t, texts in zip(PARTIAL_TEMPLATES_ZH, partial_texts)]
+    )
     bounds = torch.tensor([0] + [len(t) for t in partial_texts]).cumsum(0).tolist()
     negative_tokens = tokenizer(distractor_lines(20_000, seed=args.seed))
     generator = torch.Generator().manual_seed(args.seed)
@@ -196,12 +231,16 @@ def main() -> None:
         negatives = model.encode_text(negative_tokens[pick], normalize=True)
         scale = model.logit_scale.exp()
         target = torch.arange(len(order))
-        loss = (ce(scale * image_features @ torch.cat([text_features, negatives]).T, target)
-                + ce(scale * text_features @ image_features.T, target)) / 2
+        loss = (
+            ce(scale * image_features @ torch.cat([text_features, negatives]).T, target)
+            + ce(scale * text_features @ image_features.T, target)
+        ) / 2
         if args.partial_weight > 0:
             partial = model.encode_text(partial_tokens, normalize=True)
-            per_template = [ce(scale * image_features @ partial[lo:hi].T, owner[j, order])
-                            for j, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+            per_template = [
+                ce(scale * image_features @ partial[lo:hi].T, owner[j, order])
+                for j, (lo, hi) in enumerate(zip(bounds, bounds[1:]))
+            ]
             loss = loss + args.partial_weight * torch.stack(per_template).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -210,10 +249,15 @@ def main() -> None:
             model.logit_scale.clamp_(0, math.log(100))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             r1 = recall_at_1(model, tokenizer, *checks["random"])
-            held_out = {name: recall_at_1(model, tokenizer, *check) for name, check in checks.items() if name != "random"}
+            held_out = {
+                name: recall_at_1(model, tokenizer, *check) for name, check in checks.items() if name != "random"
+            }
             shown = "  ".join(f"{name} {r:.3f}" for name, r in held_out.items())
-            print(f"step {step + 1:5d}  loss {loss.item():.4f}  held-out R@1 {r1:.3f}  styles: {shown}  "
-                  f"{time.perf_counter() - start:.0f}s", flush=True)
+            print(
+                f"step {step + 1:5d}  loss {loss.item():.4f}  held-out R@1 {r1:.3f}  styles: {shown}  "
+                f"{time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
             save(model, args, step + 1, start, r1, held_out)  # the latest, so a run can be stopped at any eval
 
 
@@ -221,14 +265,27 @@ def save(model, args, steps: int, start: float, r1: float, held_out: dict) -> No
     from safetensors.torch import save_file
 
     args.out.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": MODEL_CFG, "context_length": CONTEXT_LENGTH, "training": {
-        "script": "scripts/train_toyworld_zh.py", "steps": steps, "planned_steps": args.steps, "seed": args.seed, "lr": args.lr,
-        "threads": args.threads, "variants": args.variants, "negatives": args.negatives,
-        "image_tower": "from toyworld's, all trained" if args.train_image_tower else
-                       f"from toyworld's, last {args.train_blocks} block(s) trained",
-        "seconds": round(time.perf_counter() - start), "heldout_r_at_1": r1, "heldout_styles_r_at_1": held_out,
-        "partial_weight": args.partial_weight,
-    }}
+    config = {
+        "model_cfg": MODEL_CFG,
+        "context_length": CONTEXT_LENGTH,
+        "training": {
+            "script": "scripts/train_toyworld_zh.py",
+            "steps": steps,
+            "planned_steps": args.steps,
+            "seed": args.seed,
+            "lr": args.lr,
+            "threads": args.threads,
+            "variants": args.variants,
+            "negatives": args.negatives,
+            "image_tower": "from toyworld's, all trained"
+            if args.train_image_tower
+            else f"from toyworld's, last {args.train_blocks} block(s) trained",
+            "seconds": round(time.perf_counter() - start),
+            "heldout_r_at_1": r1,
+            "heldout_styles_r_at_1": held_out,
+            "partial_weight": args.partial_weight,
+        },
+    }
     (args.out / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(args.out / WEIGHTS_FILE))

@@ -43,7 +43,9 @@ def test_example_corpus_is_the_256_chinese_captions():
 def test_toy_images_lang_zh_then_build_and_query_in_chinese(run, tmp_path):
     result = run("toy-images", tmp_path / "imgs", "-n", "4", "--lang", "zh", "--seed", "3")
     assert result.exit_code == 0, result.output
-    rows = [line.split("\t") for line in (tmp_path / "imgs" / "captions.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    rows = [
+        line.split("\t") for line in (tmp_path / "imgs" / "captions.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    ]
     assert all(caption in toyworld.all_captions("zh") for _, caption in rows)
     assert run("toy-images", tmp_path / "x", "--lang", "fr").exit_code == 2
 
@@ -85,7 +87,9 @@ def test_server_answers_in_utf8_and_dedupes_width_forms(zh_index):
     from retriever.serve.app import ServerSettings, create_app
     from retriever.serve.query import _dedupe
 
-    with TestClient(create_app({"zh": Retriever.open(zh_index)}, ServerSettings()), base_url="http://127.0.0.1") as client:
+    with TestClient(
+        create_app({"zh": Retriever.open(zh_index)}, ServerSettings()), base_url="http://127.0.0.1"
+    ) as client:
         r = client.post("/v1/query", json={"text": "左边有一个大的红色五角星", "k": 2, "dedupe": True})
         assert r.status_code == 200, r.text
         assert "左边有一个大的红色五角星".encode() in r.content and b"\\u" not in r.content

@@ -41,14 +41,43 @@ def test_coco_json_to_tsv_to_finetune_to_index_to_query(tmp_path):
 
     run("corpus", "coco", "--annotations", train_json, "--images", coco, "--out", data / "train.tsv")
     run("corpus", "coco", "--annotations", val_json, "--images", coco, "--out", data / "val.tsv")
-    summary = json.loads(run("finetune", data / "train.tsv", "--val", data / "val.tsv", "--model", "toyworld",
-                             "--out", model, "--epochs", "1", "--batch-size", "32", "--workers", "0", "--json"))
+    summary = json.loads(
+        run(
+            "finetune",
+            data / "train.tsv",
+            "--val",
+            data / "val.tsv",
+            "--model",
+            "toyworld",
+            "--out",
+            model,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--workers",
+            "0",
+            "--json",
+        )
+    )
     assert summary["train"]["kept"] == 96 and summary["epochs"][0]["recall_at_1"] >= 0.9
 
-    run("corpus", "coco", "--annotations", train_json, "--annotations", val_json, "--captions-only",
-        "--out", data / "captions.tsv")
+    run(
+        "corpus",
+        "coco",
+        "--annotations",
+        train_json,
+        "--annotations",
+        val_json,
+        "--captions-only",
+        "--out",
+        data / "captions.tsv",
+    )
     run("build-index", data / "captions.tsv", "--model", f"local-dir:{model}", "--out", index, "-q")
-    hits = [json.loads(line) for line in run("query", *[p for p, _ in val[:8]], "--index", index, "-k", "1", "--json").splitlines()]
+    hits = [
+        json.loads(line)
+        for line in run("query", *[p for p, _ in val[:8]], "--index", index, "-k", "1", "--json").splitlines()
+    ]
     assert len(hits) == 8 and all(h["rank"] == 1 for h in hits)
     correct = sum(h["text"] == caption for h, (_, caption) in zip(hits, val[:8]))
     assert correct >= 7, hits

@@ -19,8 +19,9 @@ def _has_gpu() -> bool:
 
 @pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU: gpu_check would run for real")
 def test_without_a_gpu_it_stops_at_once_saying_why():
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True,
-                       env=ENV, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True, env=ENV, timeout=120
+    )
     assert r.returncode == 2
     assert "gpu_check: cannot run: no CUDA GPU" in r.stderr and "--device cpu --quick" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -28,8 +29,13 @@ def test_without_a_gpu_it_stops_at_once_saying_why():
 
 @pytest.mark.slow
 def test_dry_run_on_the_cpu_prints_one_table_of_passing_checks():
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--quick"],
-                       capture_output=True, text=True, env=ENV, timeout=1500)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--quick"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=1500,
+    )
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert table[0] == "| check | result | s | ok |" and len(table) == 2 + 8

@@ -38,16 +38,22 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
             found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "retriever"]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "retriever":
             if node.module == "retriever":  # `from retriever import x`: x is a submodule or a root name
-                found += [(node.lineno, f"retriever.{a.name}") if (PACKAGE / a.name).exists()
-                          or (PACKAGE / f"{a.name}.py").exists() else (node.lineno, "retriever") for a in node.names]
+                found += [
+                    (node.lineno, f"retriever.{a.name}")
+                    if (PACKAGE / a.name).exists() or (PACKAGE / f"{a.name}.py").exists()
+                    else (node.lineno, "retriever")
+                    for a in node.names
+                ]
             else:
                 found.append((node.lineno, node.module))
     return found
 
 
 def modules() -> list[tuple[Path, str]]:
-    return [(path, ".".join(("retriever", *path.relative_to(PACKAGE).with_suffix("").parts)))
-            for path in sorted(PACKAGE.rglob("*.py"))]
+    return [
+        (path, ".".join(("retriever", *path.relative_to(PACKAGE).with_suffix("").parts)))
+        for path in sorted(PACKAGE.rglob("*.py"))
+    ]
 
 
 def test_every_module_belongs_to_a_known_stage():

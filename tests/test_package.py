@@ -27,10 +27,16 @@ def test_missing_faiss_names_the_extra_to_install(tmp_path):
     """faiss comes from the cpu or gpu extra; without it the CLI says which to install, in one line."""
     corpus = tmp_path / "c.txt"
     corpus.write_text("a red star\n")
-    code = ("import sys; sys.modules['faiss'] = None; sys.argv = ['retriever', 'build-index', sys.argv[1], "
-            "'--model', 'toyworld', '--out', sys.argv[2], '--quiet']\nfrom retriever.cli import main; main()")
-    result = subprocess.run([sys.executable, "-c", code, str(corpus), str(tmp_path / "idx")],
-                            capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    code = (
+        "import sys; sys.modules['faiss'] = None; sys.argv = ['retriever', 'build-index', sys.argv[1], "
+        "'--model', 'toyworld', '--out', sys.argv[2], '--quiet']\nfrom retriever.cli import main; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(corpus), str(tmp_path / "idx")],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("error: FAISS is not installed") and "caption-retriever[cpu]" in result.stderr
     assert "Traceback" not in result.stderr
@@ -40,9 +46,11 @@ def test_version_names_the_index_format_and_libraries_without_importing_them():
     """`retriever --version` reads versions from package metadata: torch, open_clip and faiss stay unimported."""
     from retriever.index.store import FORMAT_VERSION
 
-    code = ("import sys; sys.argv = ['retriever', '--version']\nfrom retriever.cli import main\ntry:\n    main()\n"
-            "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
-            "print(sorted({'torch', 'open_clip', 'faiss'} & set(sys.modules)))")
+    code = (
+        "import sys; sys.argv = ['retriever', '--version']\nfrom retriever.cli import main\ntry:\n    main()\n"
+        "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "print(sorted({'torch', 'open_clip', 'faiss'} & set(sys.modules)))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     lines = result.stdout.splitlines()
     assert lines[0] == f"retriever {retriever_version()} (caption-retriever)"
@@ -74,8 +82,9 @@ def test_data_retriever_in_the_same_environment_is_named_in_one_line(tmp_path):
     version = subprocess.run([sys.executable, "-m", "retriever", "--version"], capture_output=True, text=True, env=env)
     assert version.returncode == 0
     assert "weecology's Data Retriever 3.1.0 is installed" in version.stdout.splitlines()[-1]
-    info = subprocess.run([sys.executable, "-m", "retriever", "info", str(tmp_path / "none")], capture_output=True,
-                          text=True, env=env)
+    info = subprocess.run(
+        [sys.executable, "-m", "retriever", "info", str(tmp_path / "none")], capture_output=True, text=True, env=env
+    )
     assert info.returncode == 1 and info.stderr.splitlines()[-1].startswith("error: ")
     warnings = [line for line in info.stderr.splitlines() if "Data Retriever" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "separate virtual environment" in warnings[0]

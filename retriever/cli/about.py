@@ -36,17 +36,20 @@ def data_retriever_version() -> str | None:
     except PackageNotFoundError:
         return None
     meta = dist.metadata
-    text = " ".join(str(v) for key in ("Author", "Author-email", "Home-page", "Summary")
-                    for v in (meta.get_all(key) or []))
+    text = " ".join(
+        str(v) for key in ("Author", "Author-email", "Home-page", "Summary") for v in (meta.get_all(key) or [])
+    )
     text += " ".join(meta.get_all("Project-URL") or [])
     # This project was itself called `retriever` before the rename (a development install): not a clash.
     return dist.version if "weecology" in text.lower() or "data retriever" in text.lower() else None
 
 
 def clash_message(found: str) -> str:
-    return (f"warning: weecology's Data Retriever {found} is installed in this environment; it also installs a "
-            f"`retriever` package and command, so one breaks the other: use a separate virtual environment "
-            f"for {DISTRIBUTION}")
+    return (
+        f"warning: weecology's Data Retriever {found} is installed in this environment; it also installs a "
+        f"`retriever` package and command, so one breaks the other: use a separate virtual environment "
+        f"for {DISTRIBUTION}"
+    )
 
 
 def versions_text() -> str:
@@ -56,8 +59,11 @@ def versions_text() -> str:
     import retriever
     from retriever.index.store import FORMAT_VERSION
 
-    lines = [f"retriever {retriever.__version__} ({DISTRIBUTION})", f"index format {FORMAT_VERSION}",
-             f"python {platform.python_version()}"]
+    lines = [
+        f"retriever {retriever.__version__} ({DISTRIBUTION})",
+        f"index format {FORMAT_VERSION}",
+        f"python {platform.python_version()}",
+    ]
     lines += [f"{name} {found}" for name in LIBRARIES if (found := installed_version(name))]
     if not (installed_version("faiss-cpu") or installed_version("faiss-gpu-cu12")):
         lines.append(f"faiss not installed (pip install '{DISTRIBUTION}[cpu]')")
@@ -74,8 +80,16 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: Annotated[bool, typer.Option("--version", "-V", is_eager=True, callback=_print_version,
-                                          help="Print the version, the index format and library versions, and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            is_eager=True,
+            callback=_print_version,
+            help="Print the version, the index format and library versions, and exit.",
+        ),
+    ] = False,
 ) -> None:
     if (other := data_retriever_version()) is not None:
         stderr(clash_message(other))

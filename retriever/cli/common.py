@@ -25,8 +25,20 @@ app = typer.Typer(
 )
 
 DEFAULT_INDEX_ROOT = Path("indexes")
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="toyworld or toyworld-zh (bundled, offline), an open_clip name like ViT-B-32 or xlm-roberta-base-ViT-B-32, a Chinese-CLIP model like cn-clip:ViT-B-16, hf-hub:ORG/NAME or local-dir:PATH.")]
-PretrainedOpt = Annotated[Optional[str], typer.Option(help="Pretrained tag (e.g. laion2b_s34b_b79k) or a checkpoint file, for an open_clip name; for cn-clip:ARCH a checkpoint in cn_clip's format (default: the released weights).")]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="toyworld or toyworld-zh (bundled, offline), an open_clip name like ViT-B-32 or xlm-roberta-base-ViT-B-32, a Chinese-CLIP model like cn-clip:ViT-B-16, hf-hub:ORG/NAME or local-dir:PATH.",
+    ),
+]
+PretrainedOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Pretrained tag (e.g. laion2b_s34b_b79k) or a checkpoint file, for an open_clip name; for cn-clip:ARCH a checkpoint in cn_clip's format (default: the released weights)."
+    ),
+]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda, mps or cpu; default: the best available.")]
 PrecisionOpt = Annotated[str, typer.Option(help="fp32, or fp16/bf16 (for GPUs).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")]
@@ -54,14 +66,23 @@ def emit_json(obj: dict) -> None:
     print(json.dumps(obj, ensure_ascii=False, default=str), flush=True)
 
 
-GeneratorOpt = Annotated[Optional[str], typer.Option(help="What writes captions: a CoCa model (toyworld-coca, or NAME:TAG; default for generate/hybrid: coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k), or a style decoder trained on your text: style:PATH (options: style:PATH?projection=noise&memory=index&fetch_k=256).")]
+GeneratorOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="What writes captions: a CoCa model (toyworld-coca, or NAME:TAG; default for generate/hybrid: coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k), or a style decoder trained on your text: style:PATH (options: style:PATH?projection=noise&memory=index&fetch_k=256)."
+    ),
+]
 DecodingOpt = Annotated[str, typer.Option(help="greedy, beam, top_k or top_p.")]
 BeamsOpt = Annotated[int, typer.Option(min=2, help="Beams for beam search.")]
 BeamGroupsOpt = Annotated[int, typer.Option(min=1, help="Beam groups (beams must divide into them).")]
 TopKOpt = Annotated[int, typer.Option(min=1, help="Sample among the K likeliest tokens (top_k).")]
-TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Sample from the smallest set with this probability (top_p).")]
+TopPOpt = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="Sample from the smallest set with this probability (top_p).")
+]
 TemperatureOpt = Annotated[float, typer.Option(min=0.01, help="Sampling temperature.")]
-MinLenOpt = Annotated[int, typer.Option(min=1, help="No end of caption before this many tokens (start token included).")]
+MinLenOpt = Annotated[
+    int, typer.Option(min=1, help="No end of caption before this many tokens (start token included).")
+]
 MaxLenOpt = Annotated[int, typer.Option(min=2, help="At most this many tokens (capped by the model's context).")]
 RepetitionOpt = Annotated[float, typer.Option(min=0.01, help="Repetition penalty (1 = none).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.")]
@@ -71,7 +92,11 @@ NGenerateOpt = Annotated[int, typer.Option(min=1, help="Captions to generate per
 def find_index(index: Path | None) -> Path:
     if index is not None:
         return index
-    candidates = sorted(p for p in DEFAULT_INDEX_ROOT.glob("*") if (p / "manifest.json").is_file()) if DEFAULT_INDEX_ROOT.is_dir() else []
+    candidates = (
+        sorted(p for p in DEFAULT_INDEX_ROOT.glob("*") if (p / "manifest.json").is_file())
+        if DEFAULT_INDEX_ROOT.is_dir()
+        else []
+    )
     if len(candidates) == 1:
         return candidates[0]
     found = ", ".join(str(c) for c in candidates) or "none"
@@ -84,8 +109,13 @@ def print_table(rows: list[tuple[str, int, float | None, str, str]], with_source
 
     table = Table("query", "rank", "score", *(["source"] if with_source else []), "text")
     for label, rank, score, source, text in rows:
-        table.add_row(label if rank == 1 else "", str(rank), "-" if score is None else f"{score:.3f}",
-                      *([source] if with_source else []), text)
+        table.add_row(
+            label if rank == 1 else "",
+            str(rank),
+            "-" if score is None else f"{score:.3f}",
+            *([source] if with_source else []),
+            text,
+        )
     # Piped output keeps each hit on one line, however long, so grep and cut work on it.
     Console(width=None if sys.stdout.isatty() else 100_000).print(table)
 
@@ -110,7 +140,7 @@ class ImageBatches:
 
         for start in range(0, len(self.paths), self.size):
             batch = []
-            for path in self.paths[start:start + self.size]:
+            for path in self.paths[start : start + self.size]:
                 try:
                     batch.append((str(path), load_image(path)))
                 except ImageError as e:
@@ -137,4 +167,3 @@ class CappedWarnings:
         for kind, count in self.counts.items():
             if count > self.limit and not self.quiet:
                 stderr(f"warning: ... and {count - self.limit} more {kind}")
-

@@ -34,13 +34,21 @@ def _value(text: str) -> Any:
 @app.command("eval")
 @friendly_errors
 def eval_cmd(
-    pairs: Annotated[Path, typer.Argument(help="Pairs file (filepath and title columns; .tsv, .csv, .parquet, .jsonl).")],
-    index: Annotated[Optional[Path], typer.Option("--index", "-i", help="Index directory (default: the only one under indexes/).")] = None,
+    pairs: Annotated[
+        Path, typer.Argument(help="Pairs file (filepath and title columns; .tsv, .csv, .parquet, .jsonl).")
+    ],
+    index: Annotated[
+        Optional[Path], typer.Option("--index", "-i", help="Index directory (default: the only one under indexes/).")
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="Hits per image for the result metrics.")] = 10,
-    sweep: Annotated[Optional[str], typer.Option(help="One row per value of a query option, e.g. diversity=0,0.3,0.6.")] = None,
+    sweep: Annotated[
+        Optional[str], typer.Option(help="One row per value of a query option, e.g. diversity=0,0.3,0.6.")
+    ] = None,
     image_column: Annotated[str, typer.Option(help="Column of image paths.")] = "filepath",
     caption_column: Annotated[str, typer.Option(help="Column of captions.")] = "title",
-    rank_depth: Annotated[int, typer.Option(min=1, help="How deep to look for the true caption (MRR, median rank).")] = 1000,
+    rank_depth: Annotated[
+        int, typer.Option(min=1, help="How deep to look for the true caption (MRR, median rank).")
+    ] = 1000,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -56,8 +64,14 @@ def eval_cmd(
     swept = parse_sweep(sweep) if sweep else None
     data = read_pairs(pairs, image_column, caption_column)
     retriever = Retriever.open(find_index(index), device=device)
-    result = evaluate(retriever, data, k=k, sweep=swept, rank_depth=rank_depth,
-                      on_progress=None if as_json else (lambda message: stderr(f"eval: {message}")))
+    result = evaluate(
+        retriever,
+        data,
+        k=k,
+        sweep=swept,
+        rank_depth=rank_depth,
+        on_progress=None if as_json else (lambda message: stderr(f"eval: {message}")),
+    )
     if as_json:
         for row in result.as_dicts():
             emit_json(row)
@@ -77,7 +91,12 @@ def _print(result: Any) -> None:
     console.print(retrieval)
     rows = Table("options", "k", "top-1 true", "intra-list sim", "relevance", "distinct per list")
     for row in result.rows:
-        rows.add_row(json.dumps(row["options"], ensure_ascii=False, default=str), str(row["k"]), f"{row['top1_true_caption']:.3f}",
-                     f"{row['intra_list_similarity']:.3f}", f"{row['mean_relevance']:.3f}",
-                     ", ".join(f"{c} {v:.2f}" for c, v in row["distinct_per_list"].items()) or "-")
+        rows.add_row(
+            json.dumps(row["options"], ensure_ascii=False, default=str),
+            str(row["k"]),
+            f"{row['top1_true_caption']:.3f}",
+            f"{row['intra_list_similarity']:.3f}",
+            f"{row['mean_relevance']:.3f}",
+            ", ".join(f"{c} {v:.2f}" for c, v in row["distinct_per_list"].items()) or "-",
+        )
     console.print(rows)

@@ -45,22 +45,57 @@ from retriever.search.options import DEFAULT_QUERY_DEDUPE
 @friendly_errors
 def build_index_cmd(
     corpus: Annotated[Path, typer.Argument(help="Corpus file: .txt, .tsv, .csv, .parquet or .jsonl.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Index directory (default: indexes/CORPUS_NAME).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Index directory (default: indexes/CORPUS_NAME).")
+    ] = None,
     model: ModelOpt = "ViT-B-32",
     pretrained: PretrainedOpt = "laion2b_s34b_b79k",
-    column: Annotated[Optional[str], typer.Option(help="Text column (default: first of caption, title, text, prompt).")] = None,
+    column: Annotated[
+        Optional[str], typer.Option(help="Text column (default: first of caption, title, text, prompt).")
+    ] = None,
     strict: Annotated[bool, typer.Option(help="Fail on the first bad row instead of skipping it.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 256,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing index at --out.")] = False,
-    index_type: Annotated[str, typer.Option(help="auto (exact for small corpora, tuned ANN for large), flat, hnsw, ivf or ivfpq.")] = "auto",
-    max_memory: Annotated[Optional[str], typer.Option(help="Memory the index may use, e.g. 4G; auto then picks an index that fits.")] = None,
-    recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="Recall@10 vs exact search that ANN indexes are tuned to.")] = 0.95,
-    chunk_size: Annotated[int, typer.Option(min=1, help="Texts per shard: bounds memory; an interrupted build resumes from the last shard.")] = 65536,
-    vectors: Annotated[bool, typer.Option("--vectors/--no-vectors", help="Keep exact fp16 vectors (2 bytes x dim per text) for --diversity, --dedupe and --like on approximate indexes.")] = True,
-    engine: Annotated[str, typer.Option(help="local (this process) or ray (an actor pool on a Ray cluster; --out must be on storage every node sees).")] = "local",
-    ray_address: Annotated[Optional[str], typer.Option(help="--engine ray: the cluster to join, auto or HOST:PORT (default: start a local Ray).")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="--engine ray: embedding actors (default: one per GPU, or per CPU core without GPUs).")] = None,
-    gpus_per_worker: Annotated[Optional[float], typer.Option(min=0.0, help="--engine ray: GPUs per actor (default: 1 when the cluster has GPUs, else 0).")] = None,
+    index_type: Annotated[
+        str, typer.Option(help="auto (exact for small corpora, tuned ANN for large), flat, hnsw, ivf or ivfpq.")
+    ] = "auto",
+    max_memory: Annotated[
+        Optional[str], typer.Option(help="Memory the index may use, e.g. 4G; auto then picks an index that fits.")
+    ] = None,
+    recall_target: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Recall@10 vs exact search that ANN indexes are tuned to.")
+    ] = 0.95,
+    chunk_size: Annotated[
+        int,
+        typer.Option(min=1, help="Texts per shard: bounds memory; an interrupted build resumes from the last shard."),
+    ] = 65536,
+    vectors: Annotated[
+        bool,
+        typer.Option(
+            "--vectors/--no-vectors",
+            help="Keep exact fp16 vectors (2 bytes x dim per text) for --diversity, --dedupe and --like on approximate indexes.",
+        ),
+    ] = True,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local (this process) or ray (an actor pool on a Ray cluster; --out must be on storage every node sees)."
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        Optional[str],
+        typer.Option(help="--engine ray: the cluster to join, auto or HOST:PORT (default: start a local Ray)."),
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1, help="--engine ray: embedding actors (default: one per GPU, or per CPU core without GPUs)."
+        ),
+    ] = None,
+    gpus_per_worker: Annotated[
+        Optional[float],
+        typer.Option(min=0.0, help="--engine ray: GPUs per actor (default: 1 when the cluster has GPUs, else 0)."),
+    ] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = "fp32",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")] = False,
@@ -99,41 +134,107 @@ def build_index_cmd(
 
     warnings = CappedWarnings(quiet)
 
-    result = build_index(corpus, out, loaded, column=column, strict=strict, batch_size=batch_size,
-                         overwrite=overwrite, show_progress_bar=False if quiet else None, on_bad_row=lambda bad: warnings.warn("bad rows", f"skipped {bad}"),
-                         chunk_size=chunk_size, index_type=index_type, max_memory=parse_bytes(max_memory),
-                         recall_target=recall_target, use_gpu=False if device == "cpu" else None,
-                         store_vectors=vectors, engine=engine, ray=ray_options)
+    result = build_index(
+        corpus,
+        out,
+        loaded,
+        column=column,
+        strict=strict,
+        batch_size=batch_size,
+        overwrite=overwrite,
+        show_progress_bar=False if quiet else None,
+        on_bad_row=lambda bad: warnings.warn("bad rows", f"skipped {bad}"),
+        chunk_size=chunk_size,
+        index_type=index_type,
+        max_memory=parse_bytes(max_memory),
+        recall_target=recall_target,
+        use_gpu=False if device == "cpu" else None,
+        store_vectors=vectors,
+        engine=engine,
+        ray=ray_options,
+    )
     warnings.finish()
     summary = result.as_dict()
     if as_json:
         emit_json(summary)
     elif not quiet:
         resumed = f", resumed after {result.resumed_shards} finished shards" if result.resumed_shards else ""
-        recall = f", recall@10 {summary['recall_at_10']:.3f} at {summary['search_params']}" if "recall_at_10" in summary else ""
-        stderr(f"indexed {summary['kept']} texts ({summary['embedded']} embedded now{resumed}) in {summary['seconds']}s "
-                f"-> {summary['index']} [{summary['index_type']}{recall}]; skipped {summary['duplicates']} duplicates, "
-                f"{summary['empty']} empty, {summary['bad_rows']} bad rows")
+        recall = (
+            f", recall@10 {summary['recall_at_10']:.3f} at {summary['search_params']}"
+            if "recall_at_10" in summary
+            else ""
+        )
+        stderr(
+            f"indexed {summary['kept']} texts ({summary['embedded']} embedded now{resumed}) in {summary['seconds']}s "
+            f"-> {summary['index']} [{summary['index_type']}{recall}]; skipped {summary['duplicates']} duplicates, "
+            f"{summary['empty']} empty, {summary['bad_rows']} bad rows"
+        )
 
 
 @app.command()
 @friendly_errors
 def query(
-    images: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders or globs (PATH:WEIGHT with --blend).", show_default=False)] = None,
+    images: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Image files, folders or globs (PATH:WEIGHT with --blend).", show_default=False),
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="Texts per query.")] = 10,
-    index: Annotated[Optional[list[Path]], typer.Option("--index", "-i", help="Index directory (default: the only one under indexes/); repeat to search several built with one model.")] = None,
-    text: Annotated[Optional[str], typer.Option("--text", "-t", help="Query with this text; with images, combine it with each image.")] = None,
-    plus: Annotated[Optional[list[str]], typer.Option("--plus", help='Push results towards a text, optionally weighted: --plus "film noir" --plus autumn:0.5.')] = None,
-    minus: Annotated[Optional[list[str]], typer.Option("--minus", help="Push results away from a text (TEXT or TEXT:WEIGHT).")] = None,
+    index: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--index",
+            "-i",
+            help="Index directory (default: the only one under indexes/); repeat to search several built with one model.",
+        ),
+    ] = None,
+    text: Annotated[
+        Optional[str],
+        typer.Option("--text", "-t", help="Query with this text; with images, combine it with each image."),
+    ] = None,
+    plus: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--plus", help='Push results towards a text, optionally weighted: --plus "film noir" --plus autumn:0.5.'
+        ),
+    ] = None,
+    minus: Annotated[
+        Optional[list[str]], typer.Option("--minus", help="Push results away from a text (TEXT or TEXT:WEIGHT).")
+    ] = None,
     blend: Annotated[bool, typer.Option(help="Blend all images into one query (weights as PATH:WEIGHT).")] = False,
-    like: Annotated[Optional[int], typer.Option("--like", help="More like this: query with the stored vector of this id in the (first) index.")] = None,
-    diversity: Annotated[float, typer.Option(min=0.0, max=1.0, help="0 = plain nearest, 1 = most diverse (MMR over --fetch-k candidates).")] = 0.0,
-    fetch_k: Annotated[Optional[int], typer.Option(min=1, max=100_000, help="Candidates to re-rank (default: max(10 k, 100)).")] = None,
-    dedupe: Annotated[Optional[str], typer.Option(help=f"Collapse hits whose texts' cosine is at least this (default {DEFAULT_QUERY_DEDUPE}); 'off' keeps near-duplicates.")] = None,
-    where: Annotated[Optional[str], typer.Option(help='Filter on metadata: source = "coco" and len < 60; lang in ("en", "zh"); title contains "cat".')] = None,
-    mode: Annotated[str, typer.Option(help="retrieve (indexed texts), generate (captions from --generator) or hybrid (both, reranked).")] = "retrieve",
+    like: Annotated[
+        Optional[int],
+        typer.Option("--like", help="More like this: query with the stored vector of this id in the (first) index."),
+    ] = None,
+    diversity: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="0 = plain nearest, 1 = most diverse (MMR over --fetch-k candidates)."),
+    ] = 0.0,
+    fetch_k: Annotated[
+        Optional[int], typer.Option(min=1, max=100_000, help="Candidates to re-rank (default: max(10 k, 100)).")
+    ] = None,
+    dedupe: Annotated[
+        Optional[str],
+        typer.Option(
+            help=f"Collapse hits whose texts' cosine is at least this (default {DEFAULT_QUERY_DEDUPE}); 'off' keeps near-duplicates."
+        ),
+    ] = None,
+    where: Annotated[
+        Optional[str],
+        typer.Option(
+            help='Filter on metadata: source = "coco" and len < 60; lang in ("en", "zh"); title contains "cat".'
+        ),
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(help="retrieve (indexed texts), generate (captions from --generator) or hybrid (both, reranked)."),
+    ] = "retrieve",
     generator: GeneratorOpt = None,
-    min_score: Annotated[Optional[float], typer.Option(help="hybrid: generate when the best retrieved score is below this (default: per model, see README).")] = None,
+    min_score: Annotated[
+        Optional[float],
+        typer.Option(
+            help="hybrid: generate when the best retrieved score is below this (default: per model, see README)."
+        ),
+    ] = None,
     always_generate: Annotated[bool, typer.Option(help="hybrid: generate whatever the retrieved scores.")] = False,
     n_generate: NGenerateOpt = 1,
     decoding: DecodingOpt = "beam",
@@ -146,7 +247,12 @@ def query(
     max_len: MaxLenOpt = 30,
     repetition_penalty: RepetitionOpt = 1.0,
     seed: SeedOpt = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Override the model recorded in the index (same weights, e.g. a moved checkpoint).")] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model", "-m", help="Override the model recorded in the index (same weights, e.g. a moved checkpoint)."
+        ),
+    ] = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = "fp32",
@@ -181,13 +287,32 @@ def query(
 
         generator = f"{DEFAULT_GENERATOR}:{DEFAULT_GENERATOR_PRETRAINED}"
     indexes = None if mode == "generate" else (index or [find_index(None)])
-    retriever = Retriever.open(indexes, model=model, pretrained=pretrained, device=device, precision=precision,
-                               generator=generator if mode != "retrieve" else None)
-    result_options = {"diversity": diversity, "fetch_k": fetch_k, "where": where,
-                      "dedupe": _dedupe(dedupe, retriever), "plus": plus or [], "minus": minus or []}
-    decode = DecodeOptions(decoding, beams, beam_groups, top_k, top_p, temperature, min_len, max_len, repetition_penalty, seed)
-    options = {"mode": mode, "decode": decode, "min_score": min_score, "always_generate": always_generate,
-               "n_generate": n_generate}
+    retriever = Retriever.open(
+        indexes,
+        model=model,
+        pretrained=pretrained,
+        device=device,
+        precision=precision,
+        generator=generator if mode != "retrieve" else None,
+    )
+    result_options = {
+        "diversity": diversity,
+        "fetch_k": fetch_k,
+        "where": where,
+        "dedupe": _dedupe(dedupe, retriever),
+        "plus": plus or [],
+        "minus": minus or [],
+    }
+    decode = DecodeOptions(
+        decoding, beams, beam_groups, top_k, top_p, temperature, min_len, max_len, repetition_penalty, seed
+    )
+    options = {
+        "mode": mode,
+        "decode": decode,
+        "min_score": min_score,
+        "always_generate": always_generate,
+        "n_generate": n_generate,
+    }
     if mode != "generate":
         options.update(result_options)
     if like is not None or blend or (text is not None and not images):
@@ -216,8 +341,16 @@ def _dedupe(value: str | None, retriever) -> float | None:
     return cosine
 
 
-def _answer_single(retriever, images: list[str], text: str | None, like: int | None, k: int, options: dict,
-                   as_json: bool, where: str | None) -> None:
+def _answer_single(
+    retriever,
+    images: list[str],
+    text: str | None,
+    like: int | None,
+    k: int,
+    options: dict,
+    as_json: bool,
+    where: str | None,
+) -> None:
     """One result list: a text query, a blend of images (with --text steering it), or --like."""
     from retriever.search.steering import parse_weighted
 
@@ -234,7 +367,9 @@ def _answer_single(retriever, images: list[str], text: str | None, like: int | N
         for rank, hit in enumerate(hits, start=1):
             emit_json({label_key: label, "rank": rank, **hit.to_dict()})
     else:
-        print_table([(label, rank, h.score, h.source, h.text) for rank, h in enumerate(hits, start=1)], with_source=False)
+        print_table(
+            [(label, rank, h.score, h.source, h.text) for rank, h in enumerate(hits, start=1)], with_source=False
+        )
 
 
 def _note_short(hits: list, k: int, where: str | None) -> None:
@@ -272,14 +407,16 @@ def caption(
 
     generator = generator or f"{DEFAULT_GENERATOR}:{DEFAULT_GENERATOR_PRETRAINED}"
     retriever = Retriever.open(None, device=device, precision=precision, generator=generator)
-    decode = DecodeOptions(decoding, beams, beam_groups, top_k, top_p, temperature, min_len, max_len, repetition_penalty, seed)
+    decode = DecodeOptions(
+        decoding, beams, beam_groups, top_k, top_p, temperature, min_len, max_len, repetition_penalty, seed
+    )
     if not _answer(retriever, images, None, n, {"mode": "generate", "decode": decode, "n_generate": n}, as_json):
         raise typer.Exit(1)
 
 
-
-def _answer(retriever, images: list[str], text: str | None, k: int, options: dict, as_json: bool,
-            where: str | None = None) -> bool:
+def _answer(
+    retriever, images: list[str], text: str | None, k: int, options: dict, as_json: bool, where: str | None = None
+) -> bool:
     """Query and print results (a table, or JSON lines); returns False if any image failed."""
     rows: list[tuple[str, int, float | None, str, str]] = []
 
@@ -304,7 +441,9 @@ def _answer(retriever, images: list[str], text: str | None, k: int, options: dic
 @friendly_errors
 def info(
     index: Annotated[Path, typer.Argument(help="Index directory.")],
-    verify: Annotated[bool, typer.Option("--verify", help="Also check every file against the SHA-256 in the manifest (reads it all).")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Also check every file against the SHA-256 in the manifest (reads it all).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Print an index's manifest (model, counts, corpus, versions) after checking the index opens.
@@ -329,8 +468,10 @@ def info(
         if verified:
             print(f"OK: {index}: {len(manifest['files'])} files match their recorded SHA-256")
     if not can_verify(manifest):
-        stderr(f"note: {index} was built before file checksums were recorded, so it cannot be verified; "
-               "rebuild it with build-index ... --overwrite to add them")
+        stderr(
+            f"note: {index} was built before file checksums were recorded, so it cannot be verified; "
+            "rebuild it with build-index ... --overwrite to add them"
+        )
 
 
 @app.command()
@@ -352,22 +493,50 @@ def models(as_json: JsonOpt = False) -> None:
 
     table = Table("model", "pretrained", "source", "offline")
     for row in rows:
-        table.add_row(row["model"], row["pretrained"] or "-", row["source"], "yes" if row["available_offline"] else "no")
+        table.add_row(
+            row["model"], row["pretrained"] or "-", row["source"], "yes" if row["available_offline"] else "no"
+        )
     Console().print(table)
 
 
 @app.command()
 @friendly_errors
 def serve(
-    index: Annotated[Optional[list[Path]], typer.Option("--index", "-i", help="Index directory; repeat for several (named by directory).")] = None,
-    generator: Annotated[Optional[list[str]], typer.Option("--generator", help="What writes captions for generate/hybrid: a CoCa (toyworld-coca, NAME:TAG) or a style decoder (style:PATH); repeat to offer several (a query's `generator` field picks one; the first is the default).")] = None,
-    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the server to the network.")] = "127.0.0.1",
+    index: Annotated[
+        Optional[list[Path]],
+        typer.Option("--index", "-i", help="Index directory; repeat for several (named by directory)."),
+    ] = None,
+    generator: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--generator",
+            help="What writes captions for generate/hybrid: a CoCa (toyworld-coca, NAME:TAG) or a style decoder (style:PATH); repeat to offer several (a query's `generator` field picks one; the first is the default).",
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; anything but loopback exposes the server to the network.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     max_upload: Annotated[str, typer.Option(help="Largest accepted request body, e.g. 10M.")] = "10M",
     max_pending: Annotated[int, typer.Option(min=1, help="Queries waiting or running at once; more get 503.")] = 32,
-    api_key_file: Annotated[Optional[Path], typer.Option(help="File holding an API key that clients must send (Authorization: Bearer KEY or X-API-Key); else $RETRIEVER_API_KEY.")] = None,
-    allowed_host: Annotated[Optional[list[str]], typer.Option(help="Another Host name clients may use (this machine's LAN name or IP, the proxy's name); repeat for several; '*' for any.")] = None,
-    read_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request (headers and body) may take to arrive; slower clients are cut off.")] = 60.0,
+    api_key_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="File holding an API key that clients must send (Authorization: Bearer KEY or X-API-Key); else $RETRIEVER_API_KEY."
+        ),
+    ] = None,
+    allowed_host: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="Another Host name clients may use (this machine's LAN name or IP, the proxy's name); repeat for several; '*' for any."
+        ),
+    ] = None,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1, help="Seconds a request (headers and body) may take to arrive; slower clients are cut off."
+        ),
+    ] = 60.0,
     device: DeviceOpt = None,
 ) -> None:
     """Serve the HTTP API (POST /v1/query, GET /v1/indexes, /healthz, /openapi.json) and a web page at /.
@@ -393,14 +562,20 @@ def serve(
         stderr(f"warning: {warning}")
     sock = listen(host, port)  # before the models load: a taken port fails in a second, not a minute
     served = open_served(index or [], generator or [], device=device)
-    settings = ServerSettings(max_upload_bytes=parse_bytes(max_upload) or 0, max_pending=max_pending,
-                              allowed_hosts=allowed_hosts(host, allowed_host or ()), api_key=api_key,
-                              read_timeout_s=read_timeout)
+    settings = ServerSettings(
+        max_upload_bytes=parse_bytes(max_upload) or 0,
+        max_pending=max_pending,
+        allowed_hosts=allowed_hosts(host, allowed_host or ()),
+        api_key=api_key,
+        read_timeout_s=read_timeout,
+    )
     for name, per_index in served.generators.items() if index else ():
         left_out = [g.strip() for g in generator or [] if g.strip() not in per_index]
         if left_out:
             stderr(f"note: {', '.join(left_out)} not offered for {name} (trained with another CLIP model)")
-    stderr(f"serving {', '.join(served.retrievers)} on http://{host}:{port}/" + (" (API key required)" if api_key else ""))
+    stderr(
+        f"serving {', '.join(served.retrievers)} on http://{host}:{port}/" + (" (API key required)" if api_key else "")
+    )
     run_server(create_app(served.retrievers, settings, generators=served.generators), sock, settings)
 
 
@@ -410,7 +585,12 @@ def toy_images(
     out: Annotated[Path, typer.Argument(help="Folder to write PNGs and captions.tsv into.")],
     n: Annotated[int, typer.Option("-n", min=1, help="How many images.")] = 8,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    lang: Annotated[str, typer.Option(help="Caption language: en (for toyworld) or zh (for toyworld-zh, e.g. 左边有一个大的红色五角星).")] = "en",
+    lang: Annotated[
+        str,
+        typer.Option(
+            help="Caption language: en (for toyworld) or zh (for toyworld-zh, e.g. 左边有一个大的红色五角星)."
+        ),
+    ] = "en",
 ) -> None:
     """Write toy-world images (the world the bundled model knows) with a captions.tsv.
 

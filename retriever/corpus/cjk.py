@@ -14,8 +14,10 @@ import unicodedata
 
 # Scripts written without spaces: CJK ideographs (with extensions and compatibility forms), CJK
 # punctuation, kana, and the full-width forms block.
-_NO_SPACE = ("\u2e80-\u2fdf\u3000-\u303f\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
-             "\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef\U00020000-\U0003134f")
+_NO_SPACE = (
+    "\u2e80-\u2fdf\u3000-\u303f\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef\U00020000-\U0003134f"
+)
 _NO_SPACE_CHAR = re.compile(f"[{_NO_SPACE}]")
 _SPACE_BETWEEN = re.compile(f"(?<=[{_NO_SPACE}])\\s+(?=[{_NO_SPACE}])")
 

@@ -62,10 +62,13 @@ class CocoReport:
         self.totals = {k: sum(getattr(s, k) for s in self.splits.values()) for k in keys}
 
     def as_dict(self) -> dict:
-        return {**self.totals, "images_checked": self.images_checked,
-                "unmatched_captions": self.unmatched_captions,
-                "karpathy_captions_used": self.karpathy_captions_used,
-                "splits": {name: asdict(s) for name, s in self.splits.items()}}
+        return {
+            **self.totals,
+            "images_checked": self.images_checked,
+            "unmatched_captions": self.unmatched_captions,
+            "karpathy_captions_used": self.karpathy_captions_used,
+            "splits": {name: asdict(s) for name, s in self.splits.items()},
+        }
 
 
 @dataclass
@@ -135,8 +138,11 @@ def convert_coco(
         read_sample(path, what="COCO JSON", size=1)
     images_dir = Path(images) if images is not None else None
     if images_dir is not None and not images_dir.is_dir():
-        raise CorpusError(f"{images_dir}: no such directory" if not images_dir.exists()
-                          else f"{images_dir}: not a directory; give the folder that holds the images")
+        raise CorpusError(
+            f"{images_dir}: no such directory"
+            if not images_dir.exists()
+            else f"{images_dir}: not a directory; give the folder that holds the images"
+        )
     targets = _targets(Path(out), karpathy is not None, captions_only, overwrite)
 
     by_id: dict[Any, _Image] = {}
@@ -180,21 +186,32 @@ def convert_coco(
             assert images_dir is not None  # checked above: image rows need the folder
             filepath = _relative(images_dir / found, targets[image.split].parent)
             if _CONTROL.search(filepath) or _SURROGATE.search(filepath):
-                raise CorpusError(f"image {found!r} has a tab, newline, control character or invalid Unicode "
-                                  f"in its name, which a TSV row cannot hold; rename it")
+                raise CorpusError(
+                    f"image {found!r} has a tab, newline, control character or invalid Unicode "
+                    f"in its name, which a TSV row cannot hold; rename it"
+                )
             rows[image.split].extend(f"{filepath}\t{c}" for c in captions)
             report.captions += len(captions)
         report.images += 1
 
-    result = CocoReport(reports, images_checked=images_dir is not None, unmatched_captions=unmatched,
-                        karpathy_captions_used=karpathy_used)
+    result = CocoReport(
+        reports,
+        images_checked=images_dir is not None,
+        unmatched_captions=unmatched,
+        karpathy_captions_used=karpathy_used,
+    )
     if not result.totals["captions"]:
         t = result.totals
-        missing = (f"{t['missing_images']} images not found in {images_dir} (--keep-missing writes them), "
-                   if t["missing_images"] else "")
-        raise CorpusError(f"no captions to write: {missing}{t['uncaptioned_images']} images without a caption "
-                          f"({t['empty_captions']} empty captions, {unmatched} captions of unknown images); "
-                          f"nothing written")
+        missing = (
+            f"{t['missing_images']} images not found in {images_dir} (--keep-missing writes them), "
+            if t["missing_images"]
+            else ""
+        )
+        raise CorpusError(
+            f"no captions to write: {missing}{t['uncaptioned_images']} images without a caption "
+            f"({t['empty_captions']} empty captions, {unmatched} captions of unknown images); "
+            f"nothing written"
+        )
     for split, path in targets.items():
         if not captions_only:
             header = ["filepath\ttitle"]
@@ -208,8 +225,10 @@ def _targets(out: Path, by_split: bool, captions_only: bool, overwrite: bool) ->
     """The file to write for each split, after checking `out` makes sense."""
     if by_split:
         if out.suffix.lower() in (".tsv", ".txt") or out.is_file():
-            raise CorpusError(f"{out}: with a Karpathy split file, the output is a directory "
-                              f"(it receives {', '.join(s + '.tsv' for s in SPLITS)})")
+            raise CorpusError(
+                f"{out}: with a Karpathy split file, the output is a directory "
+                f"(it receives {', '.join(s + '.tsv' for s in SPLITS)})"
+            )
         targets = {split: out / f"{split}.tsv" for split in SPLITS}
     else:
         allowed = (".tsv", ".txt") if captions_only else (".tsv",)
@@ -220,8 +239,9 @@ def _targets(out: Path, by_split: bool, captions_only: bool, overwrite: bool) ->
         targets = {"all": out}
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not overwrite:
-        raise CorpusError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''} "
-                          f"(use --overwrite to replace)")
+        raise CorpusError(
+            f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''} (use --overwrite to replace)"
+        )
     return targets
 
 
@@ -318,8 +338,15 @@ def _get(path: Path, entry: Any, key: str, kind: type | tuple[type, ...], where:
 
 def _kind(value: Any) -> str:
     """The JSON name of a parsed value's type."""
-    names = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
-             bool: "a boolean", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        bool: "a boolean",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 

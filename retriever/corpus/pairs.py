@@ -31,8 +31,13 @@ class PairsReport:
     bad_rows: list[BadRow] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"rows": self.rows, "kept": self.kept, "empty_captions": self.empty_captions,
-                "missing_images": self.missing_images, "bad_rows": len(self.bad_rows)}
+        return {
+            "rows": self.rows,
+            "kept": self.kept,
+            "empty_captions": self.empty_captions,
+            "missing_images": self.missing_images,
+            "bad_rows": len(self.bad_rows),
+        }
 
 
 @dataclass
@@ -75,8 +80,10 @@ def read_pairs(
     """
     path = Path(path)
     if path.suffix.lower() == ".txt":
-        raise CorpusError(f"{path}: training pairs need columns ({image_column!r} and {caption_column!r}); "
-                          "use a .tsv, .csv, .parquet or .jsonl file")
+        raise CorpusError(
+            f"{path}: training pairs need columns ({image_column!r} and {caption_column!r}); "
+            "use a .tsv, .csv, .parquet or .jsonl file"
+        )
     report = PairsReport()
     images: list[Path] = []
     captions: list[str] = []
@@ -122,6 +129,8 @@ def read_pairs(
         lines.append(line)
     report.kept = len(captions)
     if not captions:
-        raise CorpusError(f"{path}: no usable image-caption pairs ({report.rows} rows, {report.missing_images} "
-                          f"missing images, {report.empty_captions} empty captions, {len(report.bad_rows)} bad rows)")
+        raise CorpusError(
+            f"{path}: no usable image-caption pairs ({report.rows} rows, {report.missing_images} "
+            f"missing images, {report.empty_captions} empty captions, {len(report.bad_rows)} bad rows)"
+        )
     return Pairs(path, images, captions, lines, report)

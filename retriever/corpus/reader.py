@@ -27,14 +27,23 @@ from retriever.corpus.files import SAMPLE_BYTES, read_sample, sniff_text
 from retriever.corpus.values import clean_text, has_surrogates, json_kind, metadata, text_value, unique_names
 from retriever.errors import CorpusError
 
-__all__ = ["BadRow", "Corpus", "CorpusReport", "check_corpus_file", "clean_text", "count_rows", "iter_corpus",
-           "iter_rows", "pick_text_column", "read_corpus"]
+__all__ = [
+    "BadRow",
+    "Corpus",
+    "CorpusReport",
+    "check_corpus_file",
+    "clean_text",
+    "count_rows",
+    "iter_corpus",
+    "iter_rows",
+    "pick_text_column",
+    "read_corpus",
+]
 
 TEXT_COLUMNS = ("caption", "title", "text", "prompt")
 FORMATS = (".txt", ".tsv", ".csv", ".parquet", ".jsonl")
 # JSON lines may differ in their keys; the text column is chosen from this many records.
 JSONL_SAMPLE = 100
-
 
 
 @dataclass
@@ -61,8 +70,14 @@ class CorpusReport:
     bad_rows: list[BadRow] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"column": self.column, "rows": self.rows, "kept": self.kept, "empty": self.empty,
-                "duplicates": self.duplicates, "bad_rows": len(self.bad_rows)}
+        return {
+            "column": self.column,
+            "rows": self.rows,
+            "kept": self.kept,
+            "empty": self.empty,
+            "duplicates": self.duplicates,
+            "bad_rows": len(self.bad_rows),
+        }
 
 
 @dataclass
@@ -131,7 +146,9 @@ def iter_corpus(
             report.empty += 1
             continue
         # Full- and half-width forms, and spaces between Chinese characters, don't make a new text.
-        key = int.from_bytes(hashlib.blake2b(dedupe_key(text).encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+        key = int.from_bytes(
+            hashlib.blake2b(dedupe_key(text).encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little"
+        )
         if key in seen:
             report.duplicates += 1
             continue
@@ -139,8 +156,9 @@ def iter_corpus(
         report.kept += 1
         yield text, meta
     if not report.kept:
-        raise CorpusError(f"{path}: no usable text ({report.rows} rows, {report.empty} empty, "
-                          f"{len(report.bad_rows)} bad)")
+        raise CorpusError(
+            f"{path}: no usable text ({report.rows} rows, {report.empty} empty, {len(report.bad_rows)} bad)"
+        )
 
 
 def iter_rows(path: str | Path, column: str | None = None) -> Iterator[Row | BadRow | str]:
@@ -158,8 +176,13 @@ def iter_rows(path: str | Path, column: str | None = None) -> Iterator[Row | Bad
     path = Path(path)
     check_corpus_file(path)
     suffix = path.suffix.lower()
-    readers = {".txt": _read_txt, ".tsv": _read_delimited, ".csv": _read_delimited,
-               ".parquet": _read_parquet, ".jsonl": _read_jsonl}
+    readers = {
+        ".txt": _read_txt,
+        ".tsv": _read_delimited,
+        ".csv": _read_delimited,
+        ".parquet": _read_parquet,
+        ".jsonl": _read_jsonl,
+    }
     yield from readers[suffix](path, column)
 
 
@@ -178,12 +201,16 @@ def check_corpus_file(path: str | Path) -> None:
     sample = read_sample(path, what="corpus")
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
-        raise CorpusError(f"{path}: unknown format {suffix or '(no suffix)'!r} for a corpus; "
-                          f"save it as, and name it by, one of {', '.join(FORMATS)}")
+        raise CorpusError(
+            f"{path}: unknown format {suffix or '(no suffix)'!r} for a corpus; "
+            f"save it as, and name it by, one of {', '.join(FORMATS)}"
+        )
     if suffix == ".parquet":
         if not sample.startswith(b"PAR1"):
-            raise CorpusError(f"{path}: not a readable parquet file (no PAR1 header); "
-                              f"if it is text, name it .txt, .tsv, .csv or .jsonl")
+            raise CorpusError(
+                f"{path}: not a readable parquet file (no PAR1 header); "
+                f"if it is text, name it .txt, .tsv, .csv or .jsonl"
+            )
         return
     sniff_text(path, sample, what="corpus file")
     if suffix == ".jsonl":
@@ -196,8 +223,7 @@ def _sniff_jsonl(path: Path, sample: bytes) -> None:
     first = lines[0].strip()
     if not first or len(lines) == 1 and len(sample) == SAMPLE_BYTES:
         return  # the first line runs past the sample; the reader will judge it
-    advice = (f"JSON Lines holds one object per line; convert it, e.g. "
-              f"jq -c '.[]' {path.name} > {path.stem}.lines.jsonl")
+    advice = f"JSON Lines holds one object per line; convert it, e.g. jq -c '.[]' {path.name} > {path.stem}.lines.jsonl"
     if first in (b"[", b"{", b"[{"):
         raise CorpusError(f"{path}:1: looks like one JSON document over several lines, not JSON Lines; {advice}")
     if first.startswith(b"["):
@@ -236,8 +262,10 @@ def pick_text_column(columns: list[str], column: str | None, path: Path) -> str:
     for candidate in TEXT_COLUMNS:
         if candidate in lowered:
             return lowered[candidate]
-    raise CorpusError(f"{path}: no text column found among {', '.join(columns) or '(none)'}; "
-                      f"name one with --column, or call it one of {', '.join(TEXT_COLUMNS)}")
+    raise CorpusError(
+        f"{path}: no text column found among {', '.join(columns) or '(none)'}; "
+        f"name one with --column, or call it one of {', '.join(TEXT_COLUMNS)}"
+    )
 
 
 Row = tuple[int, Any, dict[str, Any]]
@@ -359,8 +387,9 @@ def _pick_jsonl_column(records: list[dict], column: str | None, path: Path) -> s
     keys = list(dict.fromkeys(k for r in records for k in r))
     if column is not None:
         if column not in keys:
-            raise CorpusError(f"{path}: no key {column!r} in the first {len(records)} records; "
-                              f"keys are {', '.join(keys)}")
+            raise CorpusError(
+                f"{path}: no key {column!r} in the first {len(records)} records; keys are {', '.join(keys)}"
+            )
         return column
     counts = Counter(k for r in records for k in r)
     candidates = [k for k in keys if k.lower().strip() in TEXT_COLUMNS]
@@ -387,8 +416,9 @@ def _read_parquet(path: Path, column: str | None) -> Iterator[Row | BadRow | str
             batch = next(batches, None)
             records = batch.to_pylist() if batch is not None else []
         except Exception as e:  # corrupt pages, invalid UTF-8 in a string column, ...
-            raise CorpusError(f"{path}: unreadable after row {number} ({e}); the file is damaged "
-                              f"or was written with invalid strings") from None
+            raise CorpusError(
+                f"{path}: unreadable after row {number} ({e}); the file is damaged or was written with invalid strings"
+            ) from None
         if batch is None:
             break
         for record in records:

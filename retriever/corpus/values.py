@@ -82,8 +82,15 @@ def meta_value(value: Any) -> Any:
 
 def json_kind(value: Any) -> str:
     """The JSON name of a parsed value's type."""
-    names = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
-             bool: "a boolean", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        bool: "a boolean",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 

@@ -32,9 +32,11 @@ class Captioner:
 
     def __init__(self, loaded: LoadedModel):
         if not is_coca(loaded.model):
-            raise ModelError(f"{loaded.spec} cannot write captions: generation needs a CoCa model "
-                             f"(e.g. --generator {DEFAULT_GENERATOR} --generator-pretrained {DEFAULT_GENERATOR_PRETRAINED}, "
-                             "or toyworld-coca offline)")
+            raise ModelError(
+                f"{loaded.spec} cannot write captions: generation needs a CoCa model "
+                f"(e.g. --generator {DEFAULT_GENERATOR} --generator-pretrained {DEFAULT_GENERATOR_PRETRAINED}, "
+                "or toyworld-coca offline)"
+            )
         self.loaded = loaded
         self.context_length = int(loaded.model.text.positional_embedding.shape[0]) - 1  # one position is CLS
         self.sot = int(loaded.tokenizer.sot_token_id)
@@ -63,15 +65,16 @@ class Captioner:
             if opts.method == "beam":
                 return [ranked[:n] for ranked in beam_search(stepper, len(images), opts, self.sot, self.eot)]
             rows = sample(stepper, len(images), opts, self.sot, self.eot).tolist()
-        return [rows[i:i + n] for i in range(0, len(rows), n)] if n > 1 else [[row] for row in rows]
+        return [rows[i : i + n] for i in range(0, len(rows), n)] if n > 1 else [[row] for row in rows]
 
-    def caption_candidates(self, images: Sequence[Image.Image], opts: DecodeOptions | None = None, n: int = 1,
-                           batch_size: int = 16) -> list[list[str]]:
+    def caption_candidates(
+        self, images: Sequence[Image.Image], opts: DecodeOptions | None = None, n: int = 1, batch_size: int = 16
+    ) -> list[list[str]]:
         """Up to `n` distinct clean captions per image, best first (beam search) or as sampled."""
         opts = opts or DecodeOptions()
         out: list[list[str]] = []
         for start in range(0, len(images), batch_size):
-            for candidates in self.generate_tokens(images[start:start + batch_size], opts, n=n):
+            for candidates in self.generate_tokens(images[start : start + batch_size], opts, n=n):
                 texts = [self.to_text(tokens) for tokens in candidates]
                 out.append([t for t in dict.fromkeys(texts) if t])
         return out
@@ -80,6 +83,10 @@ class Captioner:
         """Tokens (start token first) to clean text."""
         return tokens_to_text(tokens, self.eot, self.loaded.tokenizer.decode)
 
-    def caption(self, images: Sequence[Image.Image], opts: DecodeOptions | None = None, batch_size: int = 16) -> list[str]:
+    def caption(
+        self, images: Sequence[Image.Image], opts: DecodeOptions | None = None, batch_size: int = 16
+    ) -> list[str]:
         """One clean caption per image (no start/end markers, whitespace normalised)."""
-        return [candidates[0] if candidates else "" for candidates in self.caption_candidates(images, opts, 1, batch_size)]
+        return [
+            candidates[0] if candidates else "" for candidates in self.caption_candidates(images, opts, 1, batch_size)
+        ]

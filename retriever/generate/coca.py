@@ -41,7 +41,9 @@ class CocaStepper:
 
         def cache(width: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
             shape = (self.rows, heads, max_len, width // heads)
-            return torch.zeros(shape, dtype=image_embs.dtype, device=images.device), torch.zeros(shape, dtype=image_embs.dtype, device=images.device)
+            return torch.zeros(shape, dtype=image_embs.dtype, device=images.device), torch.zeros(
+                shape, dtype=image_embs.dtype, device=images.device
+            )
 
         self.text_cache = [cache(text.transformer.width, self.heads) for _ in text.transformer.resblocks]
         self.dec_cache = [cache(decoder.width, self.dec_heads) for _ in decoder.resblocks]
@@ -54,8 +56,8 @@ class CocaStepper:
         attn = block.attn
         width = attn.embed_dim
         w, b = attn.in_proj_weight, attn.in_proj_bias
-        k = F.linear(x, w[width:2 * width], b[width:2 * width] if b is not None else None)
-        v = F.linear(x, w[2 * width:], b[2 * width:] if b is not None else None)
+        k = F.linear(x, w[width : 2 * width], b[width : 2 * width] if b is not None else None)
+        v = F.linear(x, w[2 * width :], b[2 * width :] if b is not None else None)
         batch, length, _ = x.shape
         split = (batch, length, attn.num_heads, width // attn.num_heads)
         return k.view(split).transpose(1, 2), v.view(split).transpose(1, 2)
@@ -70,7 +72,9 @@ class CocaStepper:
         keys, values = cache
         keys[:, :, self.pos] = k.view(split)[:, 0]
         values[:, :, self.pos] = v.view(split)[:, 0]
-        out = F.scaled_dot_product_attention(q.view(split).transpose(1, 2), keys[:, :, :self.pos + 1], values[:, :, :self.pos + 1])
+        out = F.scaled_dot_product_attention(
+            q.view(split).transpose(1, 2), keys[:, :, : self.pos + 1], values[:, :, : self.pos + 1]
+        )
         return attn.out_proj(out.transpose(1, 2).reshape(self.rows, 1, width))
 
     def _cross_attention(self, block: Any, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

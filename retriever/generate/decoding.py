@@ -49,7 +49,9 @@ class DecodeOptions:
         if self.method not in METHODS:
             raise RetrieverError(f"unknown decoding method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.method == "beam" and (self.beams < 2 or self.beams % self.beam_groups):
-            raise RetrieverError(f"beam search needs at least 2 beams, divisible by the groups ({self.beams}/{self.beam_groups})")
+            raise RetrieverError(
+                f"beam search needs at least 2 beams, divisible by the groups ({self.beams}/{self.beam_groups})"
+            )
         if self.max_len <= self.min_len:
             raise RetrieverError(f"max length ({self.max_len}) must exceed min length ({self.min_len})")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 1 or self.repetition_penalty <= 0:
@@ -120,7 +122,7 @@ class _Hypotheses:
         self.worst = 1e9
 
     def add(self, tokens: list[int], score_sum: float, length: int) -> None:
-        score = score_sum / (length ** self.length_penalty)
+        score = score_sum / (length**self.length_penalty)
         if len(self.beams) < self.size or score > self.worst:
             self.beams.append((score, tokens))
             if len(self.beams) > self.size:
@@ -131,10 +133,12 @@ class _Hypotheses:
                 self.worst = min(score, self.worst)
 
     def is_done(self, best_sum: float, length: int) -> bool:
-        return len(self.beams) >= self.size and self.worst >= best_sum / length ** self.length_penalty
+        return len(self.beams) >= self.size and self.worst >= best_sum / length**self.length_penalty
 
 
-def beam_search(stepper: Stepper, batch: int, opts: DecodeOptions, sot: int, eos: int, pad: int = 0) -> list[list[list[int]]]:
+def beam_search(
+    stepper: Stepper, batch: int, opts: DecodeOptions, sot: int, eos: int, pad: int = 0
+) -> list[list[list[int]]]:
     """Beam search (with `beam_groups` independent groups); returns each image's finished beams, best first."""
     import torch
 
@@ -147,8 +151,10 @@ def beam_search(stepper: Stepper, batch: int, opts: DecodeOptions, sot: int, eos
     beam_scores = beam_scores.view(-1)
     hyps = [_Hypotheses(size) for _ in range(batch * groups)]
     done = [False] * (batch * groups)
-    group_rows = [torch.tensor([b * beams + j for b in range(batch) for j in range(g * size, (g + 1) * size)])
-                  for g in range(groups)]
+    group_rows = [
+        torch.tensor([b * beams + j for b in range(batch) for j in range(g * size, (g + 1) * size)])
+        for g in range(groups)
+    ]
     while True:
         logits = stepper.step(input_ids[:, -1]).float().cpu()
         vocab = logits.shape[-1]
@@ -168,11 +174,15 @@ def beam_search(stepper: Stepper, batch: int, opts: DecodeOptions, sot: int, eos
             top_scores = top_values.tolist()
             cur_len = group_ids.shape[-1] + 1
             # Plain lists while choosing (per-element tensor writes cost more than the choice itself).
-            chosen_scores, chosen_tokens, chosen_rows = [0.0] * (batch * size), [0] * (batch * size), [0] * (batch * size)
+            chosen_scores, chosen_tokens, chosen_rows = (
+                [0.0] * (batch * size),
+                [0] * (batch * size),
+                [0] * (batch * size),
+            )
             for b in range(batch):
                 h = b * groups + g
                 if done[h]:
-                    chosen_tokens[b * size:(b + 1) * size] = [pad] * size
+                    chosen_tokens[b * size : (b + 1) * size] = [pad] * size
                     continue
                 kept = 0
                 for rank, (token, score, row) in enumerate(zip(top_tokens[b], top_scores[b], top_rows[b])):
@@ -205,7 +215,7 @@ def beam_search(stepper: Stepper, batch: int, opts: DecodeOptions, sot: int, eos
                 hyps[h].add(input_ids[row].tolist(), beam_scores[row].item(), input_ids.shape[1])
     ranked = []
     for b in range(batch):
-        candidates = sorted((beam for h in hyps[b * groups:(b + 1) * groups] for beam in h.beams), key=lambda x: x[0])
+        candidates = sorted((beam for h in hyps[b * groups : (b + 1) * groups] for beam in h.beams), key=lambda x: x[0])
         # Finished beams were stored without their end token; like transformers, put it back
         # on every beam shorter than the length limit. Ties: the later beam first, as transformers.
         ranked.append([tokens + [eos] if len(tokens) < opts.max_len else tokens for _, tokens in reversed(candidates)])
@@ -216,6 +226,6 @@ def tokens_to_text(tokens: list[int], eos: int, decode) -> str:
     """Tokens after the start token and up to the end token, decoded, with whitespace normalised."""
     body = tokens[1:]
     if eos in body:
-        body = body[:body.index(eos)]
+        body = body[: body.index(eos)]
     body = [t for t in body if t != 0]
     return " ".join(decode(body).split())

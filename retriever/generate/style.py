@@ -69,7 +69,9 @@ def parse_style_ref(ref: str) -> tuple[str, dict[str, Any]]:
         except ValueError:
             raise RetrieverError(f"{ref}: {key} must be a {REF_OPTIONS[key].__name__}, got {value!r}") from None
     if options.get("memory", "stored") not in ("stored", "index"):
-        raise RetrieverError(f"{ref}: memory must be stored (the folder's) or index (an index built with the same model)")
+        raise RetrieverError(
+            f"{ref}: memory must be stored (the folder's) or index (an index built with the same model)"
+        )
     return path, options
 
 
@@ -81,13 +83,20 @@ def resolve_style_path(ref: str) -> Path:
         return BUNDLED_DIR / name
     if not is_style_folder(path):
         what = "does not exist" if not path.exists() else "is not a style decoder (no style.json)"
-        raise ModelError(f"{path} {what}: train one with `retriever style train CORPUS --out {path}`, "
-                         "or use the bundled style:toyworld-style")
+        raise ModelError(
+            f"{path} {what}: train one with `retriever style train CORPUS --out {path}`, "
+            "or use the bundled style:toyworld-style"
+        )
     return path
 
 
-def load_generator(ref: str | LoadedModel, device: str | None = None, precision: str = "fp32",
-                   pretrained: str | None = None, **style_options: Any) -> Any:
+def load_generator(
+    ref: str | LoadedModel,
+    device: str | None = None,
+    precision: str = "fp32",
+    pretrained: str | None = None,
+    **style_options: Any,
+) -> Any:
     """A caption writer for a `--generator` value: a `StyleCaptioner` for `style:PATH`, else a CoCa `Captioner`.
 
     Args:
@@ -123,10 +132,18 @@ class StyleCaptioner(Captioner):
         >>> cap.caption([image], DecodeOptions(method="beam"))
     """
 
-    def __init__(self, ref: str | Path, device: str | None = None, precision: str = "fp32", *,
-                 clip: LoadedModel | None = None, projection: str | None = None,
-                 memory_lookup: MemoryLookup | None = None, fetch_k: int = DEFAULT_FETCH_K,
-                 memory_temperature: float | None = None):
+    def __init__(
+        self,
+        ref: str | Path,
+        device: str | None = None,
+        precision: str = "fp32",
+        *,
+        clip: LoadedModel | None = None,
+        projection: str | None = None,
+        memory_lookup: MemoryLookup | None = None,
+        fetch_k: int = DEFAULT_FETCH_K,
+        memory_temperature: float | None = None,
+    ):
         """Load the decoder and its CLIP model (or use `clip`, which must be the same weights).
 
         Args:
@@ -164,8 +181,10 @@ class StyleCaptioner(Captioner):
         self.memory = None
         if self.projection == "memory" and memory_lookup is None and not self.wants_index_memory:
             if not (self.path / MEMORY_NAME).is_file():
-                raise ModelError(f"{self.path}: no {MEMORY_NAME} for the memory projection; retrain with "
-                                 "--memory-size > 0, use projection noise, or give an index built with the same model")
+                raise ModelError(
+                    f"{self.path}: no {MEMORY_NAME} for the memory projection; retrain with "
+                    "--memory-size > 0, use projection noise, or give an index built with the same model"
+                )
             self.memory = load_weights(self.path / MEMORY_NAME)["memory"].to(clip.device)
         self.vocab = self.folder.config.vocab
         self.context_length = self.folder.config.max_tokens  # caps max_len, as the CoCa's positions do
@@ -182,8 +201,10 @@ class StyleCaptioner(Captioner):
         if self.memory_lookup is not None:
             memory = torch.from_numpy(self.memory_lookup(xq, self.fetch_k)).float().to(self.clip.device)
         elif self.memory is None:
-            raise RetrieverError(f"{self.spec}: memory=index needs an index built with {self.clip.spec} "
-                                 "(query --index INDEX), or drop memory=index to use the stored memory")
+            raise RetrieverError(
+                f"{self.spec}: memory=index needs an index built with {self.clip.spec} "
+                "(query --index INDEX), or drop memory=index to use the stored memory"
+            )
         else:
             memory = self.memory.float()[None].expand(len(xq), -1, -1)
         return project_to_memory(torch.from_numpy(xq).to(self.clip.device), memory, self.memory_temperature)
@@ -209,11 +230,13 @@ class StyleCaptioner(Captioner):
             if opts.method == "beam":
                 return [ranked[:n] for ranked in beam_search(stepper, len(embeddings), opts, SOT, EOT, PAD)]
             rows = sample(stepper, len(embeddings), opts, SOT, EOT, PAD).tolist()
-        return [rows[i:i + n] for i in range(0, len(rows), n)] if n > 1 else [[row] for row in rows]
+        return [rows[i : i + n] for i in range(0, len(rows), n)] if n > 1 else [[row] for row in rows]
 
     def to_text(self, tokens: list[int]) -> str:
         """Compact ids (start token first) to clean text."""
-        return detokenize(tokens_to_text(tokens, EOT, lambda body: self.clip.tokenizer.decode([self.vocab[t] for t in body])))
+        return detokenize(
+            tokens_to_text(tokens, EOT, lambda body: self.clip.tokenizer.decode([self.vocab[t] for t in body]))
+        )
 
 
 def detokenize(text: str) -> str:
@@ -236,9 +259,11 @@ def check_same_clip(recorded: dict, clip: LoadedModel, path: Path) -> None:
     """A decoder only understands the CLIP model it was trained with: anything else is an error naming both."""
     if recorded.get("fingerprint") != clip.fingerprint:
         trained = f"{recorded.get('name')}" + (f" ({recorded['pretrained']})" if recorded.get("pretrained") else "")
-        raise ModelError(f"{path} was trained with CLIP {trained} [{recorded.get('fingerprint')}], "
-                         f"not {clip.spec} [{clip.fingerprint}]; use it with the model it was trained with, "
-                         f"or retrain it with `retriever style train --model ...`")
+        raise ModelError(
+            f"{path} was trained with CLIP {trained} [{recorded.get('fingerprint')}], "
+            f"not {clip.spec} [{clip.fingerprint}]; use it with the model it was trained with, "
+            f"or retrain it with `retriever style train --model ...`"
+        )
 
 
 def _read_clip_ref(path: Path) -> dict:

@@ -102,10 +102,10 @@ def build_decoder(config: StyleConfig) -> Any:
             """Logits [batch, length, vocab] for the token after each of `tokens` (compact ids,
             starting with the start token), given the embeddings."""
             x = torch.cat([self.prefix_vectors(embeddings), self.token_embedding(tokens)], dim=1)
-            x = x + self.positional_embedding[:x.shape[1]]
+            x = x + self.positional_embedding[: x.shape[1]]
             for block in self.blocks:
                 x = block(x)
-            return self.head(self.ln_final(x[:, self.config.prefix_length:]))
+            return self.head(self.ln_final(x[:, self.config.prefix_length :]))
 
     return StyleDecoder(config)
 
@@ -124,8 +124,10 @@ class StyleStepper:
         x = decoder.prefix_vectors(embeddings).repeat_interleave(beams, dim=0) + decoder.positional_embedding[:p]
         head_dim = config.width // config.heads
         shape = (self.rows, config.heads, p + max_len, head_dim)
-        self.cache = [(torch.zeros(shape, dtype=x.dtype, device=x.device), torch.zeros(shape, dtype=x.dtype, device=x.device))
-                      for _ in decoder.blocks]
+        self.cache = [
+            (torch.zeros(shape, dtype=x.dtype, device=x.device), torch.zeros(shape, dtype=x.dtype, device=x.device))
+            for _ in decoder.blocks
+        ]
         self.pos = 0
         self._forward(x)
 
@@ -137,9 +139,11 @@ class StyleStepper:
         end = self.pos + n
         for block, (keys, values) in zip(self.decoder.blocks, self.cache):
             q, k, v = block.split(block.ln_1(x))
-            keys[:, :, self.pos:end], values[:, :, self.pos:end] = k, v
+            keys[:, :, self.pos : end], values[:, :, self.pos : end] = k, v
             # Several new positions (the prefix) attend causally among themselves; one attends to all.
-            out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], is_causal=n > 1 and self.pos == 0)
+            out = F.scaled_dot_product_attention(
+                q, keys[:, :, :end], values[:, :, :end], is_causal=n > 1 and self.pos == 0
+            )
             x = x + block.merge(out)
             x = x + block.mlp(block.ln_2(x))
         self.pos = end
@@ -170,9 +174,16 @@ class StyleFolder:
     training: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"kind": KIND, "format_version": FORMAT_VERSION, "clip": self.clip, "projection": self.projection,
-                "noise_variance": self.noise_variance, "memory_temperature": self.memory_temperature,
-                "decoder": asdict(self.config), "training": self.training}
+        return {
+            "kind": KIND,
+            "format_version": FORMAT_VERSION,
+            "clip": self.clip,
+            "projection": self.projection,
+            "noise_variance": self.noise_variance,
+            "memory_temperature": self.memory_temperature,
+            "decoder": asdict(self.config),
+            "training": self.training,
+        }
 
 
 def is_style_folder(path: str | Path) -> bool:
@@ -196,10 +207,18 @@ def read_style_folder(path: str | Path) -> StyleFolder:
     if raw.get("kind") != KIND:
         raise ModelError(f"{config_path}: not a style decoder's config (kind {raw.get('kind')!r})")
     if raw.get("format_version") != FORMAT_VERSION:
-        raise ModelError(f"{config_path}: format version {raw.get('format_version')}, this retriever reads "
-                         f"{FORMAT_VERSION}; retrain with `retriever style train --overwrite`")
-    return StyleFolder(StyleConfig(**raw["decoder"]), raw["clip"], raw["projection"], raw["noise_variance"],
-                       raw["memory_temperature"], raw.get("training", {}))
+        raise ModelError(
+            f"{config_path}: format version {raw.get('format_version')}, this retriever reads "
+            f"{FORMAT_VERSION}; retrain with `retriever style train --overwrite`"
+        )
+    return StyleFolder(
+        StyleConfig(**raw["decoder"]),
+        raw["clip"],
+        raw["projection"],
+        raw["noise_variance"],
+        raw["memory_temperature"],
+        raw.get("training", {}),
+    )
 
 
 def save_weights(tensors: dict[str, Any], path: str | Path) -> None:
@@ -223,7 +242,9 @@ def load_weights(path: str | Path) -> dict[str, Any]:
     try:
         return load_file(str(path))
     except (OSError, RuntimeError, ValueError) as e:
-        raise ModelError(f"{path}: unreadable weights ({e}); retrain with `retriever style train --overwrite`") from None
+        raise ModelError(
+            f"{path}: unreadable weights ({e}); retrain with `retriever style train --overwrite`"
+        ) from None
 
 
 def load_decoder(path: str | Path, device: str = "cpu") -> tuple[StyleFolder, Any]:

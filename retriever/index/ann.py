@@ -76,8 +76,9 @@ def _pq_m(d: int, budget_per_vector: float) -> int | None:
     return None
 
 
-def plan_index(n: int, d: int, index_type: str = "auto", max_memory: int | None = None, *,
-               at_most: bool = False) -> IndexPlan:
+def plan_index(
+    n: int, d: int, index_type: str = "auto", max_memory: int | None = None, *, at_most: bool = False
+) -> IndexPlan:
     """Pick the index for `n` vectors of dimension `d` within `max_memory` bytes.
 
     `at_most` says `n` is an upper bound (a corpus's row count before reading it), for messages.
@@ -100,15 +101,19 @@ def plan_index(n: int, d: int, index_type: str = "auto", max_memory: int | None 
     if m is None and index_type in ("auto", "ivfpq"):
         raise RetrieverError(f"{n} vectors of dimension {d} do not fit in {max_memory} bytes even as 1-byte codes")
     if index_type == "ivfpq" and n < PQ_MIN_TRAIN:
-        raise RetrieverError(f"--index-type ivfpq needs at least {PQ_MIN_TRAIN} texts to train its codes, and the "
-                             f"corpus has {'at most ' if at_most else ''}{n}; use --index-type flat (exact) or auto")
+        raise RetrieverError(
+            f"--index-type ivfpq needs at least {PQ_MIN_TRAIN} texts to train its codes, and the "
+            f"corpus has {'at most ' if at_most else ''}{n}; use --index-type flat (exact) or auto"
+        )
     if m is not None and n >= PQ_MIN_TRAIN:
         plans["ivfpq"] = IndexPlan("ivfpq", f"IVF{nlist},PQ{m}x8", "nprobe", n * (m + 8) + nlist * d * 4)
     if index_type != "auto":
         plan = plans[index_type]
         if plan.estimated_bytes > budget:
-            raise RetrieverError(f"a {index_type} index of {n} vectors needs about {plan.estimated_bytes / 2**30:.2f} GiB, "
-                                 f"over --max-memory; try --index-type ivfpq or auto")
+            raise RetrieverError(
+                f"a {index_type} index of {n} vectors needs about {plan.estimated_bytes / 2**30:.2f} GiB, "
+                f"over --max-memory; try --index-type ivfpq or auto"
+            )
         return plan
     if n <= EXACT_UP_TO and sizes["flat"] <= budget:
         return plans["flat"]
@@ -165,7 +170,9 @@ def perturbed_queries(xb: np.ndarray, n: int, seed: int = 0, cosine: float = 0.7
     rng = np.random.default_rng(seed)
     x = xb[rng.choice(len(xb), size=min(n, len(xb)), replace=False)].astype(np.float32)
     sigma = math.sqrt(1 / cosine**2 - 1)
-    q = x / np.linalg.norm(x, axis=1, keepdims=True) + sigma * rng.normal(size=x.shape).astype(np.float32) / math.sqrt(x.shape[1])
+    q = x / np.linalg.norm(x, axis=1, keepdims=True) + sigma * rng.normal(size=x.shape).astype(np.float32) / math.sqrt(
+        x.shape[1]
+    )
     return np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True), dtype=np.float32)
 
 

@@ -49,8 +49,14 @@ class BuildResult:
     index: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"index": str(self.path), **self.report.as_dict(), "embedded": self.embedded,
-                "resumed_shards": self.resumed_shards, **self.index, "seconds": round(self.seconds, 2)}
+        return {
+            "index": str(self.path),
+            **self.report.as_dict(),
+            "embedded": self.embedded,
+            "resumed_shards": self.resumed_shards,
+            **self.index,
+            "seconds": round(self.seconds, 2),
+        }
 
 
 def build_index(
@@ -120,22 +126,57 @@ def build_index(
         with BuildLock(out) as lock, _engine_session(ray if engine == "ray" else None):
             out = check_out(out, overwrite)  # again, now that no other build can change it
             recover(out)
-            return _build_locked(corpus_path, out, model, lock, rows, start, column=column, strict=strict,
-                                 batch_size=batch_size, overwrite=overwrite, show_progress_bar=show_progress_bar,
-                                 on_bad_row=on_bad_row, chunk_size=chunk_size, index_type=index_type,
-                                 max_memory=max_memory, recall_target=recall_target, use_gpu=use_gpu,
-                                 store_vectors=store_vectors, ray=ray if engine == "ray" else None)
+            return _build_locked(
+                corpus_path,
+                out,
+                model,
+                lock,
+                rows,
+                start,
+                column=column,
+                strict=strict,
+                batch_size=batch_size,
+                overwrite=overwrite,
+                show_progress_bar=show_progress_bar,
+                on_bad_row=on_bad_row,
+                chunk_size=chunk_size,
+                index_type=index_type,
+                max_memory=max_memory,
+                recall_target=recall_target,
+                use_gpu=use_gpu,
+                store_vectors=store_vectors,
+                ray=ray if engine == "ray" else None,
+            )
     except OSError as e:
         where = e.filename or out
-        raise IndexFormatError(f"{where}: {e.strerror or e} (while building {out}); free space or fix "
-                               "permissions, then run the same command to resume") from None
+        raise IndexFormatError(
+            f"{where}: {e.strerror or e} (while building {out}); free space or fix "
+            "permissions, then run the same command to resume"
+        ) from None
 
 
-def _build_locked(corpus_path: str | Path, out: Path, model: LoadedModel, lock: BuildLock, rows: int | None,
-                  start: float, *, column: str | None, strict: bool, batch_size: int, overwrite: bool,
-                  show_progress_bar: bool | None, on_bad_row: Callable[[BadRow], None] | None, chunk_size: int,
-                  index_type: str, max_memory: int | None, recall_target: float, use_gpu: bool | None,
-                  store_vectors: bool, ray: RayOptions | None) -> BuildResult:
+def _build_locked(
+    corpus_path: str | Path,
+    out: Path,
+    model: LoadedModel,
+    lock: BuildLock,
+    rows: int | None,
+    start: float,
+    *,
+    column: str | None,
+    strict: bool,
+    batch_size: int,
+    overwrite: bool,
+    show_progress_bar: bool | None,
+    on_bad_row: Callable[[BadRow], None] | None,
+    chunk_size: int,
+    index_type: str,
+    max_memory: int | None,
+    recall_target: float,
+    use_gpu: bool | None,
+    store_vectors: bool,
+    ray: RayOptions | None,
+) -> BuildResult:
     """`build_index` once the build lock on `out` is held (`ray`: on a Ray cluster)."""
     from retriever.index.ann import plan_index
 
@@ -156,8 +197,20 @@ def _build_locked(corpus_path: str | Path, out: Path, model: LoadedModel, lock: 
             chunks = _numbered_chunks(corpus_path, column, strict, report, on_bad_row, chunk_size)
             number, embedded, done_before = embed_shards(chunks, chunk_size, shards, model, ray, batch_size, advance)
         else:
-            number, embedded = _embed_locally(corpus_path, column, strict, report, on_bad_row, chunk_size,
-                                              done_before, encoder, batch_size, shards, tokenizing, advance)
+            number, embedded = _embed_locally(
+                corpus_path,
+                column,
+                strict,
+                report,
+                on_bad_row,
+                chunk_size,
+                done_before,
+                encoder,
+                batch_size,
+                shards,
+                tokenizing,
+                advance,
+            )
     count = number
     n, d = report.kept, model.embed_dim
     plan = plan_index(n, d, index_type, max_memory)
@@ -181,18 +234,35 @@ def _build_locked(corpus_path: str | Path, out: Path, model: LoadedModel, lock: 
         "faiss_factory": plan.factory,
         "metric": "inner_product",
         "search_params": tuning.params,
-        "tuning": {"recall_at_10": round(tuning.recall_at_10, 4), "recall_target": recall_target,
-                   "queries": tuning.queries} if plan.tune else None,
+        "tuning": {
+            "recall_at_10": round(tuning.recall_at_10, 4),
+            "recall_target": recall_target,
+            "queries": tuning.queries,
+        }
+        if plan.tune
+        else None,
         "corpus": {"path": str(Path(corpus_path).resolve()), "sha256": corpus_sha, **report.as_dict()},
-        "build": {"chunk_size": chunk_size, "shards": count, "max_memory": max_memory,
-                  "engine": "ray" if ray is not None else "local"},
+        "build": {
+            "chunk_size": chunk_size,
+            "shards": count,
+            "max_memory": max_memory,
+            "engine": "ray" if ray is not None else "local",
+        },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
     schema = _unified_schema([t.schema for t in shards.tables(count)])
-    path = write_index(out, faiss_index, (_conform(t, schema) for t in shards.tables(count)), schema,
-                       manifest, overwrite=overwrite, lock=lock, ivf_data=ivf_data,
-                       vectors=(shards.vectors(i) for i in range(count)) if store_vectors else None)
+    path = write_index(
+        out,
+        faiss_index,
+        (_conform(t, schema) for t in shards.tables(count)),
+        schema,
+        manifest,
+        overwrite=overwrite,
+        lock=lock,
+        ivf_data=ivf_data,
+        vectors=(shards.vectors(i) for i in range(count)) if store_vectors else None,
+    )
     shards.remove()
     index_info = {"index_type": plan.index_type, "search_params": tuning.params}
     if plan.tune:
@@ -200,9 +270,20 @@ def _build_locked(corpus_path: str | Path, out: Path, model: LoadedModel, lock: 
     return BuildResult(path, report, time.perf_counter() - start, embedded, min(done_before, count), index_info)
 
 
-def _embed_locally(corpus_path, column, strict, report, on_bad_row, chunk_size: int, done_before: int,
-                   encoder, batch_size: int, shards: ShardDir, tokenizing: ThreadPoolExecutor,
-                   advance: Callable[[int], None]) -> tuple[int, int]:
+def _embed_locally(
+    corpus_path,
+    column,
+    strict,
+    report,
+    on_bad_row,
+    chunk_size: int,
+    done_before: int,
+    encoder,
+    batch_size: int,
+    shards: ShardDir,
+    tokenizing: ThreadPoolExecutor,
+    advance: Callable[[int], None],
+) -> tuple[int, int]:
     """Embed the corpus chunk by chunk into `shards`, skipping the first `done_before` chunks
     (written by an earlier run). Returns (chunks seen, texts embedded now)."""
     chunk: list[tuple[str, dict]] = []
@@ -215,8 +296,9 @@ def _embed_locally(corpus_path, column, strict, report, on_bad_row, chunk_size: 
         nonlocal embedded
         if pending:
             at, items, tokens = pending.pop()
-            vectors = encoder.encode_tokens(tokens.result(), batch_size=batch_size, show_progress_bar=False,
-                                            on_batch=advance)
+            vectors = encoder.encode_tokens(
+                tokens.result(), batch_size=batch_size, show_progress_bar=False, on_batch=advance
+            )
             shards.write(at, vectors, _table(items, first_id=at * chunk_size))
             embedded += len(items)
 
@@ -249,8 +331,9 @@ def _embed_locally(corpus_path, column, strict, report, on_bad_row, chunk_size: 
     return number, embedded
 
 
-def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, use_gpu: bool | None,
-              fill: Callable | None = None):
+def _assemble(
+    shards: ShardDir, count: int, plan, d: int, recall_target: float, use_gpu: bool | None, fill: Callable | None = None
+):
     """Train (on a random sample across all shards), fill and tune the FAISS index from the shards.
 
     `fill(index, sizes)` returns the trained `index` filled (the distributed build's parallel add
@@ -276,8 +359,9 @@ def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, 
             index.train(sample)
         except RuntimeError as e:  # plan_index rules out what is known to fail; this names the rest
             reason = " ".join(str(e).split()).rsplit("Error: ", 1)[-1][:200]
-            raise RetrieverError(f"cannot train a {plan.index_type} index on {train_n} texts ({reason}); "
-                                 "try --index-type flat or auto") from None
+            raise RetrieverError(
+                f"cannot train a {plan.index_type} index on {train_n} texts ({reason}); try --index-type flat or auto"
+            ) from None
     if fill is not None:
         index = fill(index, sizes)
     else:
@@ -285,8 +369,9 @@ def _assemble(shards: ShardDir, count: int, plan, d: int, recall_target: float, 
             index.add(vectors)
     if not plan.tune:
         return index, TuneResult()
-    queries = perturbed_queries(_sample_rows(shards, sizes, rng.choice(n, size=min(TUNING_QUERIES, n), replace=False)),
-                                TUNING_QUERIES, seed=1)
+    queries = perturbed_queries(
+        _sample_rows(shards, sizes, rng.choice(n, size=min(TUNING_QUERIES, n), replace=False)), TUNING_QUERIES, seed=1
+    )
     gt = exact_neighbors(shards.iter_vectors(count), queries, 10)
     return index, tune(index, plan, queries, gt, recall_target)
 
@@ -302,9 +387,14 @@ def _engine_session(ray: RayOptions | None):
     return RaySession(ray)
 
 
-def _numbered_chunks(corpus_path: str | Path, column: str | None, strict: bool, report: CorpusReport,
-                     on_bad_row: Callable[[BadRow], None] | None,
-                     chunk_size: int) -> Iterator[tuple[int, list[tuple[str, dict]], int]]:
+def _numbered_chunks(
+    corpus_path: str | Path,
+    column: str | None,
+    strict: bool,
+    report: CorpusReport,
+    on_bad_row: Callable[[BadRow], None] | None,
+    chunk_size: int,
+) -> Iterator[tuple[int, list[tuple[str, dict]], int]]:
     """(shard number, its (text, metadata) pairs, corpus rows consumed since the previous one), in
     corpus order: the same chunks, so the same shards and ids, as the local engine's loop."""
     chunk: list[tuple[str, dict]] = []
@@ -351,8 +441,15 @@ def _table(chunk: list[tuple[str, dict]], first_id: int) -> pa.Table:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         # Mixed types within a column (JSON lines do this): keep such values as JSON text.
-        return pa.Table.from_pylist([{k: v if k in RESERVED_COLUMNS or isinstance(v, str) or v is None
-                                      else json.dumps(v) for k, v in row.items()} for row in rows])
+        return pa.Table.from_pylist(
+            [
+                {
+                    k: v if k in RESERVED_COLUMNS or isinstance(v, str) or v is None else json.dumps(v)
+                    for k, v in row.items()
+                }
+                for row in rows
+            ]
+        )
 
 
 def _unified_schema(schemas: list[pa.Schema]) -> pa.Schema:

@@ -90,8 +90,11 @@ class RaySession:
         for name in ("HF_HUB_OFFLINE", "HF_HOME", "OPEN_CLIP_CACHE"):
             if name in os.environ:
                 env[name] = os.environ[name]
-        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False,
-                                  "logging_level": logging.WARNING}
+        kwargs: dict[str, Any] = {
+            "runtime_env": {"env_vars": env},
+            "log_to_driver": False,
+            "logging_level": logging.WARNING,
+        }
         address = self.options.address
         if address:
             check_address(address)
@@ -129,8 +132,10 @@ def check_address(address: str, timeout: float = 5.0) -> None:
                 with open(os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")) as f:
                     where = f.read().strip()
             except OSError:
-                raise RetrieverError("--ray-address auto: no Ray cluster runs on this node; start one with "
-                                     "`ray start --head`, or leave out --ray-address") from None
+                raise RetrieverError(
+                    "--ray-address auto: no Ray cluster runs on this node; start one with "
+                    "`ray start --head`, or leave out --ray-address"
+                ) from None
     if where.startswith("ray://"):
         return  # Ray Client: ray.init reports it
     host, _, port = where.rpartition(":")
@@ -139,8 +144,10 @@ def check_address(address: str, timeout: float = 5.0) -> None:
             pass
     except (OSError, ValueError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-        raise RetrieverError(f"cannot reach the Ray cluster at {where} ({reason}); start one with "
-                             "`ray start --head`, or leave out --ray-address") from None
+        raise RetrieverError(
+            f"cannot reach the Ray cluster at {where} ({reason}); start one with "
+            "`ray start --head`, or leave out --ray-address"
+        ) from None
 
 
 def plan_workers(ray, options: RayOptions) -> tuple[int, float, int]:
@@ -149,8 +156,9 @@ def plan_workers(ray, options: RayOptions) -> tuple[int, float, int]:
     cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
     per_gpu = options.gpus_per_worker if options.gpus_per_worker is not None else (1 if gpus else 0)
     if per_gpu and per_gpu > gpus:
-        raise RetrieverError(f"--gpus-per-worker {per_gpu:g}: the Ray cluster has {gpus} GPUs; "
-                             "use --gpus-per-worker 0 to embed on CPUs")
+        raise RetrieverError(
+            f"--gpus-per-worker {per_gpu:g}: the Ray cluster has {gpus} GPUs; use --gpus-per-worker 0 to embed on CPUs"
+        )
     default = int(gpus // per_gpu) if per_gpu else cpus
     workers = options.workers or max(1, default)
     threads = 0 if per_gpu else max(1, cpus // workers)
@@ -169,8 +177,16 @@ def _model_args(model: LoadedModel) -> dict:
 class Embedder:
     """A Ray actor: loads the model once, then embeds shard after shard into the work directory."""
 
-    def __init__(self, model_args: dict, fingerprint: str, work_dir: str, state: dict, device: str, threads: int,
-                 kill_spec: str | None = None):
+    def __init__(
+        self,
+        model_args: dict,
+        fingerprint: str,
+        work_dir: str,
+        state: dict,
+        device: str,
+        threads: int,
+        kill_spec: str | None = None,
+    ):
         self.kill_spec = kill_spec
         if threads:
             import torch
@@ -181,9 +197,11 @@ class Embedder:
 
         model = load_model(**model_args, device=device)
         if model.fingerprint != fingerprint:
-            raise RetrieverError(f"worker on {os.uname().nodename} loaded {model.spec} with weights "
-                                 f"{model.fingerprint[:20]}, the driver has {fingerprint[:20]}; install the same "
-                                 "weights on every node")
+            raise RetrieverError(
+                f"worker on {os.uname().nodename} loaded {model.spec} with weights "
+                f"{model.fingerprint[:20]}, the driver has {fingerprint[:20]}; install the same "
+                "weights on every node"
+            )
         self.encoder = Encoder(model)
         self.shards = ShardDir(Path(work_dir), state)
 
@@ -201,9 +219,15 @@ class Embedder:
         return time.process_time()
 
 
-def embed_shards(chunks: Iterator[tuple[int, list[tuple[str, dict]], int]], chunk_size: int, shards: ShardDir,
-                 model: LoadedModel, options: RayOptions, batch_size: int,
-                 advance: Callable[[int], None]) -> tuple[int, int, int]:
+def embed_shards(
+    chunks: Iterator[tuple[int, list[tuple[str, dict]], int]],
+    chunk_size: int,
+    shards: ShardDir,
+    model: LoadedModel,
+    options: RayOptions,
+    batch_size: int,
+    advance: Callable[[int], None],
+) -> tuple[int, int, int]:
     """Embed every chunk not finished yet on an actor pool; returns (shards, embedded, resumed).
 
     `chunks` yields (number, its (text, metadata) pairs, rows consumed from the corpus for it) in
@@ -212,11 +236,19 @@ def embed_shards(chunks: Iterator[tuple[int, list[tuple[str, dict]], int]], chun
     ray = import_ray()
     workers, per_gpu, threads = plan_workers(ray, options)
     finished = shards.finished()
-    actor = ray.remote(Embedder).options(num_cpus=threads or 1, num_gpus=per_gpu, max_restarts=MAX_RESTARTS,
-                                         max_task_retries=MAX_RETRIES)
+    actor = ray.remote(Embedder).options(
+        num_cpus=threads or 1, num_gpus=per_gpu, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RETRIES
+    )
     device = "cuda" if per_gpu else "cpu"
-    args = (_model_args(model), model.fingerprint, str(shards.path), shards.state, device, threads,
-            os.environ.get(KILL_WORKER_ENV))
+    args = (
+        _model_args(model),
+        model.fingerprint,
+        str(shards.path),
+        shards.state,
+        device,
+        threads,
+        os.environ.get(KILL_WORKER_ENV),
+    )
     started = time.perf_counter()
     pool = [actor.remote(*args) for _ in range(workers)]
     busy = [0] * workers
@@ -290,8 +322,10 @@ def fill_ivf(index, shards: ShardDir, sizes: list[int], workers: int) -> tuple[A
     groups = [list(g) for g in np.array_split(np.arange(len(sizes)), min(workers, len(sizes))) if len(g)]
     threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // len(groups))  # faiss's OpenMP threads each
     task = ray.remote(_add_block).options(num_cpus=threads, max_retries=MAX_RETRIES)
-    refs = [task.remote(str(work), block, [int(n) for n in group], [int(starts[n]) for n in group], threads)
-            for block, group in enumerate(groups)]
+    refs = [
+        task.remote(str(work), block, [int(n) for n in group], [int(starts[n]) for n in group], threads)
+        for block, group in enumerate(groups)
+    ]
     blocks = [_get(ray, ref, None) for ref in refs]
     ivfdata = work / "index.ivfdata"
     ivfdata.unlink(missing_ok=True)
@@ -302,8 +336,10 @@ def fill_ivf(index, shards: ShardDir, sizes: list[int], workers: int) -> tuple[A
         (work / name).unlink()
     trained.unlink()
     if merged.ntotal != starts[-1]:
-        raise RetrieverError(f"{work}: the merged index holds {merged.ntotal} vectors, the shards {starts[-1]}; "
-                             "run the same command again")
+        raise RetrieverError(
+            f"{work}: the merged index holds {merged.ntotal} vectors, the shards {starts[-1]}; "
+            "run the same command again"
+        )
     return merged, ivfdata
 
 
@@ -335,8 +371,9 @@ def _get(ray, ref, number: int | None):
         if isinstance(cause, RetrieverError):
             raise type(cause)(str(cause)) from None
         what = f"shard {number}" if number is not None else "starting or adding vectors"
-        raise RetrieverError(f"a Ray worker failed on {what} ({_first_line(cause or e)}); "
-                             "run the same command to resume") from None
+        raise RetrieverError(
+            f"a Ray worker failed on {what} ({_first_line(cause or e)}); run the same command to resume"
+        ) from None
     except ray.exceptions.RayActorError as e:
         cause = getattr(e, "cause", None) or getattr(e, "error_msg", "") or e
         if isinstance(cause, RetrieverError) or "RetrieverError" in type(cause).__name__:
@@ -344,11 +381,14 @@ def _get(ray, ref, number: int | None):
         inner = _actor_init_error(e)
         if inner:
             raise RetrieverError(inner) from None
-        raise RetrieverError(f"a Ray worker died {MAX_RESTARTS + 1} times on shard {number} ({_first_line(cause)}); "
-                             "finished shards are kept: run the same command to resume") from None
+        raise RetrieverError(
+            f"a Ray worker died {MAX_RESTARTS + 1} times on shard {number} ({_first_line(cause)}); "
+            "finished shards are kept: run the same command to resume"
+        ) from None
     except ray.exceptions.RayError as e:
-        raise RetrieverError(f"Ray failed ({_first_line(e)}); finished shards are kept: run the same command "
-                             "to resume") from None
+        raise RetrieverError(
+            f"Ray failed ({_first_line(e)}); finished shards are kept: run the same command to resume"
+        ) from None
 
 
 def _actor_init_error(error: BaseException) -> str | None:

@@ -12,6 +12,8 @@ def import_faiss() -> Any:
     try:
         import faiss
     except ImportError:
-        raise MissingExtraError("FAISS is not installed: pip install 'caption-retriever[cpu]', or 'caption-retriever[gpu]' "
-                                "(faiss-gpu) in an environment without faiss-cpu") from None
+        raise MissingExtraError(
+            "FAISS is not installed: pip install 'caption-retriever[cpu]', or 'caption-retriever[gpu]' "
+            "(faiss-gpu) in an environment without faiss-cpu"
+        ) from None
     return faiss

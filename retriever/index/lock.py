@@ -37,15 +37,19 @@ class BuildLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except OSError as e:
-                raise IndexFormatError(f"{self.path}: cannot be used as the build lock ({e.strerror}); "
-                                       "move it away, or choose another --out") from None
+                raise IndexFormatError(
+                    f"{self.path}: cannot be used as the build lock ({e.strerror}); "
+                    "move it away, or choose another --out"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_pid(fd)
                 os.close(fd)
-                raise IndexFormatError(f"another build is writing to {self.out.name} (pid {holder}); wait for it "
-                                       f"to finish, or choose another --out") from None
+                raise IndexFormatError(
+                    f"another build is writing to {self.out.name} (pid {holder}); wait for it "
+                    f"to finish, or choose another --out"
+                ) from None
             except BaseException:
                 os.close(fd)
                 raise

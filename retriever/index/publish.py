@@ -99,8 +99,10 @@ def check_out(out: str | Path, overwrite: bool) -> Path:
         return out
     extra = [name for name in names if name not in INDEX_FILES]
     if _has_our_manifest(out) and extra:
-        raise IndexFormatError(f"{out}: an index that also holds other files ({', '.join(extra[:3])}"
-                               f"{', ...' if len(extra) > 3 else ''}); move them out, or choose another --out")
+        raise IndexFormatError(
+            f"{out}: an index that also holds other files ({', '.join(extra[:3])}"
+            f"{', ...' if len(extra) > 3 else ''}); move them out, or choose another --out"
+        )
     raise IndexFormatError(f"{out}: not an index ({describe_contents(out)}); choose another --out")
 
 
@@ -120,8 +122,14 @@ def leftovers(out: Path) -> list[Path]:
         entries = list(out.parent.iterdir())
     except OSError:
         return []
-    return [p for p in entries if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
-            and {c.name for c in p.iterdir()} <= INDEX_FILES]
+    return [
+        p
+        for p in entries
+        if pattern.fullmatch(p.name)
+        and p.is_dir()
+        and not p.is_symlink()
+        and {c.name for c in p.iterdir()} <= INDEX_FILES
+    ]
 
 
 def old_dir(out: Path) -> Path:
@@ -154,8 +162,10 @@ def publish(tmp: Path, out: Path) -> None:
         old = old_dir(out)
         if os.path.lexists(old):
             if not is_index_dir(old):
-                raise IndexFormatError(f"{old}: not an index ({describe_contents(old) if old.is_dir() else 'a file'})"
-                                       f"; move it away, it is where {out.name} is kept while being replaced")
+                raise IndexFormatError(
+                    f"{old}: not an index ({describe_contents(old) if old.is_dir() else 'a file'})"
+                    f"; move it away, it is where {out.name} is kept while being replaced"
+                )
             shutil.rmtree(old)
         os.rename(out, old)
         os.rename(tmp, out)

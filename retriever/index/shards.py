@@ -34,8 +34,10 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
-_OURS = re.compile(r"state\.json|state\.tmp|(meta|emb)-\d{5}\.(parquet|npy|tmp)|block-\d{5}\.(index|tmp)"
-                   r"|trained\.(index|tmp)|index\.ivfdata")
+_OURS = re.compile(
+    r"state\.json|state\.tmp|(meta|emb)-\d{5}\.(parquet|npy|tmp)|block-\d{5}\.(index|tmp)"
+    r"|trained\.(index|tmp)|index\.ivfdata"
+)
 _KEY = b"retriever.shard"
 
 
@@ -94,8 +96,12 @@ class ShardDir:
         import pyarrow.parquet as pq
 
         vectors = np.ascontiguousarray(vectors, dtype=np.float16)
-        record = {"build": state_key(self.state), "number": number, "rows": len(vectors),
-                  "sha256": hashlib.sha256(vectors.tobytes()).hexdigest()}
+        record = {
+            "build": state_key(self.state),
+            "number": number,
+            "rows": len(vectors),
+            "sha256": hashlib.sha256(vectors.tobytes()).hexdigest(),
+        }
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), _KEY: json.dumps(record).encode()})
         meta = self.path / f"meta-{number:05d}.parquet"
         tmp = meta.with_suffix(".tmp")
@@ -120,15 +126,23 @@ class ShardDir:
                 record = json.loads(raw) if raw else {}
                 vectors = self.vectors(number)
             except (OSError, ValueError) as e:
-                raise IndexFormatError(f"{meta.parent}: shard {number} cannot be read ({e}); delete the folder "
-                                       "and build again") from None
+                raise IndexFormatError(
+                    f"{meta.parent}: shard {number} cannot be read ({e}); delete the folder and build again"
+                ) from None
             if record.get("build") != key or record.get("number") != number:
-                raise IndexFormatError(f"{meta.parent}: shard {number} belongs to another build (other corpus, "
-                                       "model or chunk size); delete the folder and build again")
-            if (vectors.shape != (record.get("rows"), d) or vectors.dtype != np.float16
-                    or hashlib.sha256(np.ascontiguousarray(vectors).tobytes()).hexdigest() != record.get("sha256")):
-                raise IndexFormatError(f"{meta.parent}: shard {number}'s embeddings do not match its record; "
-                                       "delete the folder and build again")
+                raise IndexFormatError(
+                    f"{meta.parent}: shard {number} belongs to another build (other corpus, "
+                    "model or chunk size); delete the folder and build again"
+                )
+            if (
+                vectors.shape != (record.get("rows"), d)
+                or vectors.dtype != np.float16
+                or hashlib.sha256(np.ascontiguousarray(vectors).tobytes()).hexdigest() != record.get("sha256")
+            ):
+                raise IndexFormatError(
+                    f"{meta.parent}: shard {number}'s embeddings do not match its record; "
+                    "delete the folder and build again"
+                )
 
     def vectors(self, number: int) -> np.ndarray:
         """Shard `number`'s embeddings, memory-mapped (fp16)."""

@@ -82,9 +82,17 @@ class TextIndex:
         return [self.texts.slice(i, 1).to_pylist()[0] for i in ids]
 
 
-def write_index(path: str | Path, faiss_index: Any, texts: Iterable[pa.Table], schema: pa.Schema,
-                manifest: dict, overwrite: bool = False, vectors: Iterable[np.ndarray] | None = None,
-                lock: BuildLock | None = None, ivf_data: Path | None = None) -> Path:
+def write_index(
+    path: str | Path,
+    faiss_index: Any,
+    texts: Iterable[pa.Table],
+    schema: pa.Schema,
+    manifest: dict,
+    overwrite: bool = False,
+    vectors: Iterable[np.ndarray] | None = None,
+    lock: BuildLock | None = None,
+    ivf_data: Path | None = None,
+) -> Path:
     """Write a built FAISS index, its texts (tables conforming to `schema`) and optionally its
     exact vectors (blocks in row order, stored as one fp16 array) atomically.
 
@@ -138,7 +146,7 @@ def _write_vectors(path: Path, blocks: Iterable[np.ndarray], count: int, d: int)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(count, d))
     row = 0
     for block in blocks:
-        out[row:row + len(block)] = block
+        out[row : row + len(block)] = block
         row += len(block)
     if row != count:
         raise IndexFormatError(f"{path}: {row} vectors written for an index of {count}")
@@ -164,12 +172,20 @@ def read_manifest(path: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise damaged(path, f"{MANIFEST} is not valid JSON ({e})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if isinstance(manifest, dict) and "format_version" in manifest and version not in (FORMAT_VERSION,
-                                                                                        ONDISK_FORMAT_VERSION):
-        advice = ("it was written by a newer release: pip install -U caption-retriever"
-                  if isinstance(version, int) and version > ONDISK_FORMAT_VERSION else "rebuild it with `retriever build-index`")
-        raise IndexFormatError(f"{path}: index format {version}, this retriever reads formats {FORMAT_VERSION} and "
-                               f"{ONDISK_FORMAT_VERSION}; {advice}")
+    if (
+        isinstance(manifest, dict)
+        and "format_version" in manifest
+        and version not in (FORMAT_VERSION, ONDISK_FORMAT_VERSION)
+    ):
+        advice = (
+            "it was written by a newer release: pip install -U caption-retriever"
+            if isinstance(version, int) and version > ONDISK_FORMAT_VERSION
+            else "rebuild it with `retriever build-index`"
+        )
+        raise IndexFormatError(
+            f"{path}: index format {version}, this retriever reads formats {FORMAT_VERSION} and "
+            f"{ONDISK_FORMAT_VERSION}; {advice}"
+        )
     return check_manifest(manifest, path)
 
 
@@ -188,8 +204,10 @@ def check_built_with(manifest: dict, model: LoadedModel, path: str | Path, advic
         name, pretrained = built_with.get("name"), built_with.get("pretrained")
         label = f"{name} ({pretrained})" if pretrained else str(name)
         if str(name) == str(model.spec):  # the same name: the weights differ, so show how
-            raise IndexFormatError(f"{path} was built with {label} weights {_short(recorded) or 'unknown'}, "
-                                   f"not these ({_short(model.fingerprint) or 'unknown'}); {advice}")
+            raise IndexFormatError(
+                f"{path} was built with {label} weights {_short(recorded) or 'unknown'}, "
+                f"not these ({_short(model.fingerprint) or 'unknown'}); {advice}"
+            )
         raise IndexFormatError(f"{path} was built with {label}, not {model.spec}; {advice}")
     if manifest.get("embedding_dim") != model.embed_dim:
         raise IndexFormatError(f"{path}: dimension {manifest.get('embedding_dim')} != model's {model.embed_dim}")
@@ -264,8 +282,10 @@ def _read_texts(path: Path, count: int) -> pa.Table:
         texts = pq.read_table(path / TEXTS_FILE, memory_map=True)
     except (pa.ArrowException, OSError) as e:
         raise damaged(path, f"{TEXTS_FILE} cannot be read ({str(e).splitlines()[0][:160]})") from None
-    for name, check, kind in (("id", pa.types.is_integer, "integer"),
-                              ("text", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string")):
+    for name, check, kind in (
+        ("id", pa.types.is_integer, "integer"),
+        ("text", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
+    ):
         if name not in texts.column_names:
             raise damaged(path, f"{TEXTS_FILE} has no {name!r} column (it has {', '.join(texts.column_names[:6])})")
         if not check(texts.schema.field(name).type):

@@ -81,10 +81,14 @@ def check_manifest(manifest: Any, path: str | Path) -> dict:
         raise damaged(path, f"manifest.json says count {manifest['count']}, dimension {manifest['embedding_dim']}")
     for name, value in (manifest.get("search_params") or {}).items():
         if name not in ("nprobe", "efSearch") or not _is(value, (int,)) or value < 1:
-            raise damaged(path, f"manifest.json's search parameter {name!r} is {value!r}, not a positive "
-                                "integer nprobe or efSearch")
+            raise damaged(
+                path,
+                f"manifest.json's search parameter {name!r} is {value!r}, not a positive integer nprobe or efSearch",
+            )
     for name, record in (manifest.get("files") or {}).items():
-        if not (isinstance(record, dict) and _is(record.get("bytes"), (int,)) and isinstance(record.get("sha256"), str)):
+        if not (
+            isinstance(record, dict) and _is(record.get("bytes"), (int,)) and isinstance(record.get("sha256"), str)
+        ):
             raise damaged(path, f"manifest.json's record of {name!r} is {record!r}, not {{bytes, sha256}}")
     return manifest
 
@@ -101,8 +105,11 @@ def check_scores(path: str | Path, D: Any, I: Any) -> None:
     bad = (I >= 0) & ~(np.abs(D) <= 1 + SCORE_SLACK)
     if bad.any():
         score = float(D[bad].flat[0])
-        raise damaged(path, f"a search scored {score:.3g}, impossible for normalised vectors (at most 1); "
-                            "`retriever info --verify` names the damaged file")
+        raise damaged(
+            path,
+            f"a search scored {score:.3g}, impossible for normalised vectors (at most 1); "
+            "`retriever info --verify` names the damaged file",
+        )
 
 
 def sha256_of(path: Path, block: int = 1 << 20) -> str:
@@ -115,8 +122,11 @@ def sha256_of(path: Path, block: int = 1 << 20) -> str:
 
 def file_records(directory: Path, names: Iterable[str]) -> dict[str, dict]:
     """Size and SHA-256 of each named file in `directory` that exists, for the manifest."""
-    return {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_of(directory / name)}
-            for name in names if (directory / name).is_file()}
+    return {
+        name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_of(directory / name)}
+        for name in names
+        if (directory / name).is_file()
+    }
 
 
 def check_sizes(path: Path, manifest: dict) -> None:
@@ -158,5 +168,8 @@ def verify_index(path: str | Path) -> None:
         except OSError as e:
             raise damaged(path, f"{name} cannot be read ({e.strerror})") from None
         if digest != record["sha256"]:
-            raise damaged(path, f"{name} has SHA-256 {digest[:12]}..., the manifest records "
-                                f"{record['sha256'][:12]}... (the file changed after the build)")
+            raise damaged(
+                path,
+                f"{name} has SHA-256 {digest[:12]}..., the manifest records "
+                f"{record['sha256'][:12]}... (the file changed after the build)",
+            )

@@ -27,19 +27,60 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 _VISION = {
-    "ViT-B-16": {"embed_dim": 512, "image_resolution": 224, "vision_layers": 12, "vision_width": 768, "vision_patch_size": 16},
-    "ViT-L-14": {"embed_dim": 768, "image_resolution": 224, "vision_layers": 24, "vision_width": 1024, "vision_patch_size": 14},
-    "ViT-L-14-336": {"embed_dim": 768, "image_resolution": 336, "vision_layers": 24, "vision_width": 1024, "vision_patch_size": 14},
-    "ViT-H-14": {"embed_dim": 1024, "image_resolution": 224, "vision_layers": 32, "vision_width": 1280,
-                 "vision_head_width": 80, "vision_patch_size": 14},
-    "RN50": {"embed_dim": 1024, "image_resolution": 224, "vision_layers": [3, 4, 6, 3], "vision_width": 64, "vision_patch_size": None},
+    "ViT-B-16": {
+        "embed_dim": 512,
+        "image_resolution": 224,
+        "vision_layers": 12,
+        "vision_width": 768,
+        "vision_patch_size": 16,
+    },
+    "ViT-L-14": {
+        "embed_dim": 768,
+        "image_resolution": 224,
+        "vision_layers": 24,
+        "vision_width": 1024,
+        "vision_patch_size": 14,
+    },
+    "ViT-L-14-336": {
+        "embed_dim": 768,
+        "image_resolution": 336,
+        "vision_layers": 24,
+        "vision_width": 1024,
+        "vision_patch_size": 14,
+    },
+    "ViT-H-14": {
+        "embed_dim": 1024,
+        "image_resolution": 224,
+        "vision_layers": 32,
+        "vision_width": 1280,
+        "vision_head_width": 80,
+        "vision_patch_size": 14,
+    },
+    "RN50": {
+        "embed_dim": 1024,
+        "image_resolution": 224,
+        "vision_layers": [3, 4, 6, 3],
+        "vision_width": 64,
+        "vision_patch_size": None,
+    },
 }
-_BERT = {"vocab_size": 21128, "text_intermediate_size": 3072, "text_max_position_embeddings": 512, "text_type_vocab_size": 2,
-         "text_hidden_size": 768, "text_num_attention_heads": 12}
+_BERT = {
+    "vocab_size": 21128,
+    "text_intermediate_size": 3072,
+    "text_max_position_embeddings": 512,
+    "text_type_vocab_size": 2,
+    "text_hidden_size": 768,
+    "text_num_attention_heads": 12,
+}
 _TEXT = {
     "RoBERTa-wwm-ext-base-chinese": {**_BERT, "text_num_hidden_layers": 12},
-    "RoBERTa-wwm-ext-large-chinese": {**_BERT, "text_hidden_size": 1024, "text_intermediate_size": 4096,
-                                      "text_num_attention_heads": 16, "text_num_hidden_layers": 24},
+    "RoBERTa-wwm-ext-large-chinese": {
+        **_BERT,
+        "text_hidden_size": 1024,
+        "text_intermediate_size": 4096,
+        "text_num_attention_heads": 16,
+        "text_num_hidden_layers": 24,
+    },
     "RBT3-chinese": {**_BERT, "text_num_hidden_layers": 3},
 }
 # Architecture: (text tower, hub repo under OFA-Sys, checkpoint file), as in cn_clip.clip.utils.
@@ -55,8 +96,9 @@ ARCHS = {
 def arch_config(arch: str) -> dict:
     """The merged cn_clip model config of a released architecture (what cn_clip's `CLIP(**cfg)` takes)."""
     if arch not in ARCHS:
-        raise ModelError(f"unknown Chinese-CLIP architecture {arch!r}; use one of: "
-                         + ", ".join(PREFIX + a for a in ARCHS))
+        raise ModelError(
+            f"unknown Chinese-CLIP architecture {arch!r}; use one of: " + ", ".join(PREFIX + a for a in ARCHS)
+        )
     return {**_VISION[arch], **_TEXT[ARCHS[arch][0]]}  # type: ignore[dict-item]
 
 
@@ -99,7 +141,9 @@ def check_config(cfg: dict, source: str, context_length: Any = 52) -> float:
                 try:
                     layers = [int(n) for n in layers.strip("[]()").split(",")]
                 except ValueError:
-                    raise ModelError(f"{source}: vision_layers should be a number or four numbers, found {cfg[key]!r}") from None
+                    raise ModelError(
+                        f"{source}: vision_layers should be a number or four numbers, found {cfg[key]!r}"
+                    ) from None
             if len(layers) != 4:
                 raise ModelError(f"{source}: vision_layers of a ResNet should be four numbers, found {cfg[key]!r}")
             for n in layers:
@@ -111,12 +155,16 @@ def check_config(cfg: dict, source: str, context_length: Any = 52) -> float:
     if side > MAX_IMAGE_SIDE:
         raise ModelError(f"{source}: image_resolution is {side}; no CLIP model takes images over {MAX_IMAGE_SIDE} px")
     if context_length > min(MAX_CONTEXT, cfg["text_max_position_embeddings"]):
-        raise ModelError(f"{source}: context_length {context_length} is more than the text tower's "
-                         f"{cfg['text_max_position_embeddings']} positions")
+        raise ModelError(
+            f"{source}: context_length {context_length} is more than the text tower's "
+            f"{cfg['text_max_position_embeddings']} positions"
+        )
     resnet = not isinstance(cfg["vision_layers"], int)
     vision_width = cfg["vision_width"] * (32 if resnet else 1)  # a ResNet's attention pool runs at 32x its width
-    for width, heads in ((cfg["text_hidden_size"], cfg["text_num_attention_heads"]),
-                         (vision_width, cfg.get("vision_head_width", 64))):
+    for width, heads in (
+        (cfg["text_hidden_size"], cfg["text_num_attention_heads"]),
+        (vision_width, cfg.get("vision_head_width", 64)),
+    ):
         if width % heads:
             raise ModelError(f"{source}: width {width} is not divisible by {heads}")
     w, t = cfg["vision_width"], cfg["text_hidden_size"]
@@ -128,8 +176,10 @@ def check_config(cfg: dict, source: str, context_length: Any = 52) -> float:
     text = 12 * cfg["text_num_hidden_layers"] * t * t + (cfg["vocab_size"] + cfg["text_max_position_embeddings"]) * t
     total = float(vision + text)
     if total > MAX_PARAMETERS:
-        raise ModelError(f"{source}: the config asks for about {total:.2g} parameters (limit {MAX_PARAMETERS:.0g}); "
-                         f"it would not fit in memory")
+        raise ModelError(
+            f"{source}: the config asks for about {total:.2g} parameters (limit {MAX_PARAMETERS:.0g}); "
+            f"it would not fit in memory"
+        )
     return total
 
 
@@ -175,7 +225,9 @@ def read_state_dict(path: str | Path) -> dict:
         try:
             state = load_file(str(path))
         except Exception as e:  # a damaged or foreign file
-            raise ModelError(f"{path}: not a safetensors file ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+            raise ModelError(
+                f"{path}: not a safetensors file ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+            ) from None
     else:
         check_checkpoint(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -183,7 +235,7 @@ def read_state_dict(path: str | Path) -> dict:
         state = state["state_dict"]  # type: ignore[assignment]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path}: not a Chinese-CLIP checkpoint (no state_dict of tensors)")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
     return {k: v.float() for k, v in state.items() if not k.startswith("bert.pooler.")}
 
 
@@ -198,8 +250,11 @@ def build(cfg: dict, state: dict | None, source: str) -> Any:
         unexpected = sorted(set(state) - set(expected))
         wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
         if missing or unexpected or wrong:
-            parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                     for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+            parts = [
+                f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                if keys
+            ]
             raise ModelError(f"{source}: weights do not fit this Chinese-CLIP architecture ({'; '.join(parts)})")
         model.load_state_dict(state)
     return model

@@ -18,9 +18,23 @@ from torch import nn
 from torch.nn import functional as F
 
 # Keys of a cn_clip model config (the merged vision + text JSONs that `cn_clip.clip.utils.create_model` reads).
-VISION_KEYS = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size", "vision_head_width")
-TEXT_KEYS = ("vocab_size", "text_hidden_size", "text_intermediate_size", "text_max_position_embeddings",
-             "text_num_attention_heads", "text_num_hidden_layers", "text_type_vocab_size")
+VISION_KEYS = (
+    "embed_dim",
+    "image_resolution",
+    "vision_layers",
+    "vision_width",
+    "vision_patch_size",
+    "vision_head_width",
+)
+TEXT_KEYS = (
+    "vocab_size",
+    "text_hidden_size",
+    "text_intermediate_size",
+    "text_max_position_embeddings",
+    "text_num_attention_heads",
+    "text_num_hidden_layers",
+    "text_type_vocab_size",
+)
 
 
 class _Embeddings(nn.Module):
@@ -61,7 +75,9 @@ class _SelfAttention(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(n, length, self.heads, width // self.heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)), attn_mask=mask)
+        out = F.scaled_dot_product_attention(
+            split(self.query(x)), split(self.key(x)), split(self.value(x)), attn_mask=mask
+        )
         return out.transpose(1, 2).reshape(n, length, width)
 
 
@@ -108,12 +124,16 @@ class Bert(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
         width = cfg["text_hidden_size"]
-        self.embeddings = _Embeddings(cfg["vocab_size"], width, cfg["text_max_position_embeddings"], cfg["text_type_vocab_size"])
-        self.encoder = _Encoder(cfg["text_num_hidden_layers"], width, cfg["text_num_attention_heads"], cfg["text_intermediate_size"])
+        self.embeddings = _Embeddings(
+            cfg["vocab_size"], width, cfg["text_max_position_embeddings"], cfg["text_type_vocab_size"]
+        )
+        self.encoder = _Encoder(
+            cfg["text_num_hidden_layers"], width, cfg["text_num_attention_heads"], cfg["text_intermediate_size"]
+        )
 
     def forward(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(ids)
-        mask = ((1.0 - keep[:, None, None, :].to(x.dtype)) * -10000.0)
+        mask = (1.0 - keep[:, None, None, :].to(x.dtype)) * -10000.0
         for layer in self.encoder.layer:
             x = layer(x, mask)
         return x
@@ -133,12 +153,23 @@ class ChineseCLIP(nn.Module):
         if isinstance(layers, str):  # cn_clip's RN50.json writes "[3,4,6,3]"
             layers = [int(n) for n in layers.strip("[]()").split(",")]
         if isinstance(layers, (list, tuple)):
-            self.visual = ModifiedResNet(layers=list(layers), output_dim=embed, heads=width * 32 // head_width,
-                                         image_size=cfg["image_resolution"], width=width)
+            self.visual = ModifiedResNet(
+                layers=list(layers),
+                output_dim=embed,
+                heads=width * 32 // head_width,
+                image_size=cfg["image_resolution"],
+                width=width,
+            )
         else:
             self.visual = VisionTransformer(
-                image_size=cfg["image_resolution"], patch_size=cfg["vision_patch_size"], width=width, layers=layers,
-                heads=width // head_width, mlp_ratio=4.0, output_dim=embed, act_layer=QuickGELU,
+                image_size=cfg["image_resolution"],
+                patch_size=cfg["vision_patch_size"],
+                width=width,
+                layers=layers,
+                heads=width // head_width,
+                mlp_ratio=4.0,
+                output_dim=embed,
+                act_layer=QuickGELU,
             )
         self.bert = Bert(cfg)
         self.text_projection = nn.Parameter(torch.empty(cfg["text_hidden_size"], embed))

@@ -123,7 +123,7 @@ class Encoder:
         out = np.empty((len(tokens), self.dim), dtype=np.float32)
         with torch.inference_mode(), progress(len(tokens), "encoding texts", "texts", show_progress_bar) as advance:
             for start in range(0, len(tokens), batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 batch = tokens[idx].to(self.loaded.device)
                 features = encode_text_tokens(self.loaded.model, batch, self.trim_padding).float()
                 if normalize:
@@ -154,12 +154,12 @@ class Encoder:
         out = np.empty((len(items), self.dim), dtype=np.float32)
         with torch.inference_mode(), progress(len(items), "encoding images", "images", show_progress_bar) as advance:
             for start in range(0, len(items), batch_size):
-                chunk = items[start:start + batch_size]
+                chunk = items[start : start + batch_size]
                 pixels = torch.stack([self.loaded.preprocess(im.convert("RGB")) for im in chunk])
                 pixels = pixels.to(self.loaded.device, dtype=self.dtype)
                 features = self.loaded.model.encode_image(pixels).float()
                 if normalize:
                     features = torch.nn.functional.normalize(features, dim=-1)
-                out[start:start + len(chunk)] = features.cpu().numpy()
+                out[start : start + len(chunk)] = features.cpu().numpy()
                 advance(len(chunk))
         return out[0] if single else out

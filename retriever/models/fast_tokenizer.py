@@ -135,8 +135,9 @@ class FastClipTokenizer:
         if context_length == 1:  # open_clip: [sot, eot] cut to 1, whose last token becomes eot
             result[:, 0] = self.eot_token_id
             return result
-        plain = np.fromiter((type(t) is str and t.isascii() and t.isprintable() and "&" not in t for t in texts),
-                            dtype=bool, count=n)
+        plain = np.fromiter(
+            (type(t) is str and t.isascii() and t.isprintable() and "&" not in t for t in texts), dtype=bool, count=n
+        )
         if plain.all():
             self._fill(result, None, *self._plain_ids(texts))
             return result

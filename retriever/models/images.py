@@ -53,8 +53,9 @@ def load_image(path: str | Path) -> Image.Image:
     if stat.S_ISDIR(st.st_mode):
         raise ImageError(str(path), "is a directory, not an image", kind="missing")
     if not stat.S_ISREG(st.st_mode):  # a FIFO or /dev/zero would block or never end
-        raise ImageError(str(path), "is not an ordinary file (a FIFO, device or socket); give an image file",
-                         kind="not_image")
+        raise ImageError(
+            str(path), "is not an ordinary file (a FIFO, device or socket); give an image file", kind="not_image"
+        )
     return _decode(path, str(path), st.st_size)
 
 
@@ -75,8 +76,12 @@ def check_shape(size: tuple[int, int], name: str, side: int = REFERENCE_SIDE) ->
     short, long = min(width, height), max(width, height)
     if short < 1 or side * side * (long / short) > MAX_RESIZED_PIXELS:
         limit = MAX_RESIZED_PIXELS // (side * side)
-        raise ImageError(name, f"refused: {width}x{height} is too elongated (more than {limit}:1) to be "
-                               f"resized for the model; crop it to the part that matters", kind="too_large")
+        raise ImageError(
+            name,
+            f"refused: {width}x{height} is too elongated (more than {limit}:1) to be "
+            f"resized for the model; crop it to the part that matters",
+            kind="too_large",
+        )
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -133,10 +138,13 @@ def _decode(source, name: str, size: int) -> Image.Image:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(name, f"refused: too many pixels, a possible decompression bomb ({e})", kind="too_large") from None
+        raise ImageError(
+            name, f"refused: too many pixels, a possible decompression bomb ({e})", kind="too_large"
+        ) from None
     except UnidentifiedImageError:
-        raise ImageError(name, f"not an image Pillow can read (formats read: {', '.join(FORMATS)})",
-                         kind="not_image") from None
+        raise ImageError(
+            name, f"not an image Pillow can read (formats read: {', '.join(FORMATS)})", kind="not_image"
+        ) from None
     except (OSError, SyntaxError, ValueError, MemoryError) as e:
         raise ImageError(name, f"broken or truncated image ({e})", kind="broken") from None
     rgb.info[SOURCE_KEY] = name

@@ -65,8 +65,11 @@ def bundled_models() -> list[str]:
     """Names of the models that ship inside the package (trained by scripts/ on the toy world)."""
     if not BUNDLED_DIR.is_dir():
         return []
-    return sorted(p.name for p in BUNDLED_DIR.iterdir()
-                  if (p / "open_clip_config.json").is_file() or (p / "cn_clip_config.json").is_file())
+    return sorted(
+        p.name
+        for p in BUNDLED_DIR.iterdir()
+        if (p / "open_clip_config.json").is_file() or (p / "cn_clip_config.json").is_file()
+    )
 
 
 def list_models() -> list[dict]:
@@ -75,18 +78,28 @@ def list_models() -> list[dict]:
 
     from retriever.models import cnclip
 
-    rows = [{"model": name, "pretrained": None, "source": "bundled", "available_offline": True} for name in bundled_models()]
+    rows = [
+        {"model": name, "pretrained": None, "source": "bundled", "available_offline": True} for name in bundled_models()
+    ]
     for arch in cnclip.ARCHS:
-        rows.append({"model": cnclip.PREFIX + arch, "pretrained": None, "source": "hf-hub",
-                     "available_offline": cnclip.cached_hub_weights(arch) is not None})
+        rows.append(
+            {
+                "model": cnclip.PREFIX + arch,
+                "pretrained": None,
+                "source": "hf-hub",
+                "available_offline": cnclip.cached_hub_weights(arch) is not None,
+            }
+        )
     for name, tag in open_clip.list_pretrained():
         cfg = open_clip.get_pretrained_cfg(name, tag)
-        rows.append({
-            "model": name,
-            "pretrained": tag,
-            "source": "hf-hub" if cfg.get("hf_hub") else "url",
-            "available_offline": _cached_pretrained_file(cfg) is not None,
-        })
+        rows.append(
+            {
+                "model": name,
+                "pretrained": tag,
+                "source": "hf-hub" if cfg.get("hf_hub") else "url",
+                "available_offline": _cached_pretrained_file(cfg) is not None,
+            }
+        )
     return rows
 
 
@@ -112,8 +125,13 @@ def pick_device(device: str | None = None) -> str:
     return "cpu"
 
 
-def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED, device: str | None = None,
-               precision: str = "fp32", random_weights: bool = False) -> LoadedModel:
+def load_model(
+    name: str = DEFAULT_MODEL,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    device: str | None = None,
+    precision: str = "fp32",
+    random_weights: bool = False,
+) -> LoadedModel:
     """Load an open_clip model for encoding.
 
     Args:
@@ -145,7 +163,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     # open_clip builds anything: the reference may come from a downloaded index's manifest.
     if name in bundled_models() or name.startswith("local-dir:"):
         bundled = name in bundled_models()
-        directory = BUNDLED_DIR / name if bundled else Path(name[len("local-dir:"):]).expanduser()
+        directory = BUNDLED_DIR / name if bundled else Path(name[len("local-dir:") :]).expanduser()
         if not (directory / "open_clip_config.json").is_file():
             raise ModelError(f"{directory}: not a model directory (no open_clip_config.json)")
         read_config(directory / "open_clip_config.json")
@@ -157,7 +175,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
         fingerprint = f"sha256:{sha256_file(weights)}"
     elif name.startswith("hf-hub:"):
         spec.pretrained = None
-        read_config(_hub_file(name[len("hf-hub:"):], "open_clip_config.json", what=name))
+        read_config(_hub_file(name[len("hf-hub:") :], "open_clip_config.json", what=name))
         open_clip_name, open_clip_pretrained = name, None
         fingerprint = name
     else:
@@ -174,8 +192,12 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
                 check_checkpoint(open_clip_pretrained)
         if text_dir is not None:
             # The cached copy by path: neither open_clip nor transformers then asks the hub for it.
-            text_cfg = {**open_clip.get_model_config(name)["text_cfg"], "hf_model_name": str(text_dir),
-                        "hf_tokenizer_name": str(text_dir), "hf_model_pretrained": False}
+            text_cfg = {
+                **open_clip.get_model_config(name)["text_cfg"],
+                "hf_model_name": str(text_dir),
+                "hf_tokenizer_name": str(text_dir),
+                "hf_model_pretrained": False,
+            }
             kwargs["text_cfg"] = text_cfg
 
     if random_weights:
@@ -188,8 +210,11 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
         if "text_cfg" in kwargs:
             text_cfg = kwargs["text_cfg"]
             tokenizer = open_clip.tokenizer.HFTokenizer(
-                text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77),
-                tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
+                text_cfg["hf_tokenizer_name"],
+                context_length=text_cfg.get("context_length", 77),
+                tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                **text_cfg.get("tokenizer_kwargs", {}),
+            )
         else:
             tokenizer = open_clip.get_tokenizer(open_clip_name)
     except ModelError:
@@ -204,7 +229,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
         # from it gives NaN. Initialise it as that method means to.
         import torch
 
-        torch.nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
+        torch.nn.init.normal_(decoder.text_projection, std=decoder.width**-0.5)
     loaded = wrap_model(spec, model, preprocess, tokenizer, fingerprint, device)
     loaded.extra.update(open_clip_name=open_clip_name, quick_gelu=bool(kwargs.get("force_quick_gelu")))
     return loaded
@@ -233,15 +258,19 @@ def _hf_text_dir(model_cfg: dict, what: str) -> Path | None:
     config = found["config.json"]
     if isinstance(config, str) and any(isinstance(found[f], str) for f in HF_TEXT_FILES[2:]):
         return Path(config).parent
-    what = (f"{what}'s text tower ({repo} on the Hugging Face hub: `huggingface-cli download {repo} "
-            f"{' '.join(HF_TEXT_FILES)}`)")
+    what = (
+        f"{what}'s text tower ({repo} on the Hugging Face hub: `huggingface-cli download {repo} "
+        f"{' '.join(HF_TEXT_FILES)}`)"
+    )
     _probe("https://" + _hub_host(), what)
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo, allow_patterns=list(HF_TEXT_FILES)))
     except Exception as e:  # missing repo, HTTP errors
-        raise ModelError(f"{what}: cannot download ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        raise ModelError(
+            f"{what}: cannot download ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+        ) from None
 
 
 def _chinese_clip_dir(name: str) -> Path | None:
@@ -251,14 +280,15 @@ def _chinese_clip_dir(name: str) -> Path | None:
     if name in bundled_models():
         directory = BUNDLED_DIR / name
     elif name.startswith("local-dir:"):
-        directory = Path(name[len("local-dir:"):]).expanduser()
+        directory = Path(name[len("local-dir:") :]).expanduser()
     else:
         return None
     return directory if cnclip.is_model_dir(directory) else None
 
 
-def _load_chinese_clip(spec: ModelSpec, directory: Path | None, device: str, precision: str,
-                       random_weights: bool) -> LoadedModel:
+def _load_chinese_clip(
+    spec: ModelSpec, directory: Path | None, device: str, precision: str, random_weights: bool
+) -> LoadedModel:
     """A Chinese-CLIP model (see `retriever.models.cnclip`) as a LoadedModel."""
     import torch
 
@@ -274,7 +304,7 @@ def _load_chinese_clip(spec: ModelSpec, directory: Path | None, device: str, pre
         weights: Path | str | None = found
         fingerprint = f"sha256:{sha256_file(found)}"
     else:
-        cfg = cnclip.arch_config(spec.name[len(cnclip.PREFIX):])
+        cfg = cnclip.arch_config(spec.name[len(cnclip.PREFIX) :])
         if spec.pretrained == DEFAULT_PRETRAINED:
             spec.pretrained = None  # the open_clip default tag means nothing here: the released weights
         if random_weights:
@@ -282,11 +312,16 @@ def _load_chinese_clip(spec: ModelSpec, directory: Path | None, device: str, pre
         elif spec.pretrained:
             weights = Path(spec.pretrained).expanduser()
             if not weights.is_file():
-                raise ModelError(f"{spec.pretrained}: no such checkpoint file (for {spec.name}, --pretrained takes a "
-                                 f"checkpoint in cn_clip's format, or nothing for the released weights)")
+                raise ModelError(
+                    f"{spec.pretrained}: no such checkpoint file (for {spec.name}, --pretrained takes a "
+                    f"checkpoint in cn_clip's format, or nothing for the released weights)"
+                )
             fingerprint = f"sha256:{sha256_file(weights)}"
         else:
-            weights, fingerprint = cnclip.hub_weights(spec.name[len(cnclip.PREFIX):], what=spec.name), f"{spec.name}/{cnclip.HUB_ORG}"
+            weights, fingerprint = (
+                cnclip.hub_weights(spec.name[len(cnclip.PREFIX) :], what=spec.name),
+                f"{spec.name}/{cnclip.HUB_ORG}",
+            )
     source = str(weights or spec.name)
     state = None if random_weights or weights is None else cnclip.read_state_dict(weights)
     try:
@@ -294,7 +329,9 @@ def _load_chinese_clip(spec: ModelSpec, directory: Path | None, device: str, pre
     except ModelError:
         raise
     except Exception as e:  # a config that passed the checks but still cannot be built
-        raise ModelError(f"cannot load {spec}: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+        raise ModelError(
+            f"cannot load {spec}: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
+        ) from None
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     model = model.to(device=device, dtype=dtype)
     preprocess = SafePreprocess(cnclip.preprocess_for(cfg["image_resolution"]), cfg["image_resolution"])
@@ -311,7 +348,9 @@ def split_model_ref(ref: str) -> tuple[str, str | None]:
     return name, tag or None
 
 
-def wrap_model(spec: ModelSpec, model: Any, preprocess: Any, tokenizer: Any, fingerprint: str, device: str) -> LoadedModel:
+def wrap_model(
+    spec: ModelSpec, model: Any, preprocess: Any, tokenizer: Any, fingerprint: str, device: str
+) -> LoadedModel:
     """A LoadedModel around an open_clip model built elsewhere (benchmarks, training).
 
     open_clip's CLIP BPE tokenizer is swapped for `FastClipTokenizer` (the same ids, many times
@@ -352,8 +391,10 @@ def _resolve_weights(name: str, pretrained: str | None) -> tuple[str, str, dict]
     import open_clip
 
     if not pretrained:
-        raise ModelError(f"{name} needs weights: give --pretrained TAG or a checkpoint file "
-                         f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})")
+        raise ModelError(
+            f"{name} needs weights: give --pretrained TAG or a checkpoint file "
+            f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})"
+        )
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if cfg:
         # Pass the cached file itself, so open_clip never contacts the hub when the weights are here.
@@ -370,12 +411,18 @@ def _resolve_weights(name: str, pretrained: str | None) -> tuple[str, str, dict]
     if path.is_file():
         return str(path), f"sha256:{sha256_file(path)}", {}
     tags = open_clip.list_pretrained_tags_by_model(name)
-    raise ModelError(f"{pretrained!r} is neither a pretrained tag of {name} nor a file "
-                     f"(tags: {', '.join(tags) or 'none'})")
+    raise ModelError(
+        f"{pretrained!r} is neither a pretrained tag of {name} nor a file (tags: {', '.join(tags) or 'none'})"
+    )
 
 
 def _weights_in_dir(directory: Path) -> Path:
-    for candidate in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin"):
+    for candidate in (
+        "open_clip_model.safetensors",
+        "open_clip_pytorch_model.bin",
+        "model.safetensors",
+        "pytorch_model.bin",
+    ):
         if (directory / candidate).is_file():
             return directory / candidate
     found = sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")) + sorted(directory.glob("*.pt*"))
@@ -436,7 +483,9 @@ def _hub_file(repo_id: str, filename: str, what: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, filename))
     except Exception as e:  # missing repo, missing file, HTTP errors
-        raise ModelError(f"{what}: cannot download {filename} ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        raise ModelError(
+            f"{what}: cannot download {filename} ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+        ) from None
 
 
 def _hub_host() -> str:
@@ -445,12 +494,16 @@ def _hub_host() -> str:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _probe(url: str, what: str) -> None:
-    advice = ("download it once on a machine with network (it is then cached), pass a local checkpoint with "
-              "--pretrained FILE or --model local-dir:DIR, or try the bundled offline model with --model toyworld")
+    advice = (
+        "download it once on a machine with network (it is then cached), pass a local checkpoint with "
+        "--pretrained FILE or --model local-dir:DIR, or try the bundled offline model with --model toyworld"
+    )
     if _offline():
         raise ModelError(f"{what} is not downloaded and HF_HUB_OFFLINE is set: {advice}")
     parsed = urlparse(url)

@@ -92,8 +92,11 @@ class PrefixScorer:
 
     def tokens(self, text: str) -> list[int]:
         """BPE ids of `text` without start/end tokens and untruncated (open_clip's encode)."""
-        return list(self.loaded.tokenizer.encode(text)) if hasattr(self.loaded.tokenizer, "encode") else \
-            list(self.loaded.tokenizer.tokenizer.encode(text))
+        return (
+            list(self.loaded.tokenizer.encode(text))
+            if hasattr(self.loaded.tokenizer, "encode")
+            else list(self.loaded.tokenizer.tokenizer.encode(text))
+        )
 
     def suffix_tokens(self, suffix: str) -> list[int]:
         """Tokens of `joiner + suffix`, cached (the same labels recur at every chain step)."""
@@ -120,14 +123,18 @@ class PrefixScorer:
             return np.zeros((0, self.encoder.dim), dtype=np.float32)
         prefix_tokens = self.tokens(prefix)
         out = np.zeros((len(suffixes), self.encoder.dim), dtype=np.float32)
-        shared = [i for i, s in enumerate(suffixes) if is_plain(s) and self.fits(prefix_tokens, s)] \
-            if self.shareable(prefix) else []
+        shared = (
+            [i for i, s in enumerate(suffixes) if is_plain(s) and self.fits(prefix_tokens, s)]
+            if self.shareable(prefix)
+            else []
+        )
         rest = sorted(set(range(len(suffixes))) - set(shared))
         if shared:
             out[shared] = self._encode_shared(prefix_tokens, [self.suffix_tokens(suffixes[i]) for i in shared])
         if rest:
-            out[rest] = self.encoder.encode_text([prefix + self.joiner + suffixes[i] for i in rest],
-                                                 show_progress_bar=False)
+            out[rest] = self.encoder.encode_text(
+                [prefix + self.joiner + suffixes[i] for i in rest], show_progress_bar=False
+            )
         self.shared += len(shared)
         self.full += len(rest)
         return out
@@ -144,9 +151,9 @@ class PrefixScorer:
         with torch.inference_mode():
             cache = self._prefix_cache(head, device)
             for start in range(0, len(suffixes), self.pass_size):
-                rows = [[*s[common:], self.eot] for s in suffixes[start:start + self.pass_size]]
+                rows = [[*s[common:], self.eot] for s in suffixes[start : start + self.pass_size]]
                 x = self._encode_tree(cache, SuffixTree(rows, self.batch_size), device)
-                out[start:start + len(rows)] = torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy()
+                out[start : start + len(rows)] = torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy()
         return out
 
     def _prefix_cache(self, tokens: list[int], device: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -167,8 +174,9 @@ class PrefixScorer:
         self._last_prefix = (list(tokens), cache)
         return cache
 
-    def _extend(self, cache: list[tuple[torch.Tensor, torch.Tensor]] | None,
-                tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _extend(
+        self, cache: list[tuple[torch.Tensor, torch.Tensor]] | None, tokens: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`cache` (None: empty) with `tokens` [1, m] appended: their keys and values attend to it."""
         import torch
         import torch.nn.functional as F
@@ -177,7 +185,7 @@ class PrefixScorer:
         cast = model.transformer.get_cast_dtype()
         p = 0 if cache is None else cache[0][0].shape[2]
         m = tokens.shape[1]
-        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[p:p + m].to(cast)
+        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[p : p + m].to(cast)
         out_cache = []
         allowed = suffix_mask(p, m, tokens.device)
         for layer, block in enumerate(model.transformer.resblocks):
@@ -197,8 +205,9 @@ class PrefixScorer:
             out_cache.append((k, v))
         return out_cache
 
-    def _encode_tree(self, cache: list[tuple[torch.Tensor, torch.Tensor]], tree: SuffixTree,
-                     device: Any) -> torch.Tensor:
+    def _encode_tree(
+        self, cache: list[tuple[torch.Tensor, torch.Tensor]], tree: SuffixTree, device: Any
+    ) -> torch.Tensor:
         """Unnormalised embeddings of the tree's rows continuing the cached prefix.
 
         Linear layers and MLPs run once per tree node (no padding, shared leading tokens once);
@@ -223,8 +232,9 @@ class PrefixScorer:
             mixed = torch.empty((len(tree.tokens), width), dtype=x.dtype, device=device)
             for group in groups:
                 n, length = group.paths.shape
-                q, k, v = (t.view(n, length, heads, width // heads).transpose(1, 2)
-                           for t in qkv[group.paths].chunk(3, dim=-1))
+                q, k, v = (
+                    t.view(n, length, heads, width // heads).transpose(1, 2) for t in qkv[group.paths].chunk(3, dim=-1)
+                )
                 out = attend(q, k, v, pk, pv, masks[length])
                 mixed[group.nodes] = out.transpose(1, 2).reshape(n * length, width)[group.slots]
             if layer == len(blocks) - 1:  # only the end tokens' outputs are pooled
@@ -237,8 +247,9 @@ class PrefixScorer:
         return x @ model.text_projection
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
-           allowed: torch.Tensor) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
     """Attention of suffix rows to a shared prefix and causally to themselves (`allowed`: the
     [length, p + length] mask of `suffix_mask`). q, k, v: [n, heads, length, head_dim]; pk, pv:
     the prefix's [1, heads, p, head_dim]. One fused call: few operations matter more than the
@@ -306,7 +317,7 @@ class SuffixTree:
         seen = [False] * len(self.tokens)
         self.groups = []
         for start in range(0, len(order), batch_size):
-            batch = [paths[i] for i in order[start:start + batch_size]]
+            batch = [paths[i] for i in order[start : start + batch_size]]
             length = len(batch[-1])
             nodes, slots = [], []
             for r, path in enumerate(batch):
@@ -316,7 +327,9 @@ class SuffixTree:
                         nodes.append(node)
                         slots.append(r * length + j)
             padded = torch.tensor([path + [path[-1]] * (length - len(path)) for path in batch])
-            self.groups.append(_Group(padded, torch.tensor(nodes, dtype=torch.long), torch.tensor(slots, dtype=torch.long)))
+            self.groups.append(
+                _Group(padded, torch.tensor(nodes, dtype=torch.long), torch.tensor(slots, dtype=torch.long))
+            )
 
 
 class _Group:

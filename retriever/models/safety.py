@@ -70,8 +70,10 @@ def check_model_config(cfg: dict, source: str, preprocess_cfg: Any = None) -> fl
     if isinstance(preprocess_cfg, dict) and "size" in preprocess_cfg:
         fields.side(preprocess_cfg, "size", "preprocess_cfg")
     if total > MAX_PARAMETERS:
-        raise ModelError(f"{source}: the config asks for about {total:.2g} parameters (limit {MAX_PARAMETERS:.0g}); "
-                         f"it would not fit in memory. Fix its layers/width, or use a real model config")
+        raise ModelError(
+            f"{source}: the config asks for about {total:.2g} parameters (limit {MAX_PARAMETERS:.0g}); "
+            f"it would not fit in memory. Fix its layers/width, or use a real model config"
+        )
     return total
 
 
@@ -103,9 +105,11 @@ def check_checkpoint(path: str | Path) -> None:
             torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ... for one bad file
         reason = _load_failure(e)
-        raise ModelError(f"{path}: refused as a checkpoint: it cannot be loaded as plain tensors ({reason[:200]}). "
-                         f"Only weights are read, never pickled code; re-save it with "
-                         f"torch.save(model.state_dict()) or as .safetensors") from None
+        raise ModelError(
+            f"{path}: refused as a checkpoint: it cannot be loaded as plain tensors ({reason[:200]}). "
+            f"Only weights are read, never pickled code; re-save it with "
+            f"torch.save(model.state_dict()) or as .safetensors"
+        ) from None
 
 
 def _load_failure(error: Exception) -> str:
@@ -148,15 +152,19 @@ class _Fields:
             raise ModelError(f"{self.source}: {where}.{key} should be a size or [height, width], found {value!r}")
         checked = [self.int({key: s}, key, default, where) for s in sides]
         if max(checked) > MAX_IMAGE_SIDE:
-            raise ModelError(f"{self.source}: {where}.{key} is {value!r}; no CLIP model takes images over "
-                             f"{MAX_IMAGE_SIDE} px (fix the config)")
+            raise ModelError(
+                f"{self.source}: {where}.{key} is {value!r}; no CLIP model takes images over "
+                f"{MAX_IMAGE_SIDE} px (fix the config)"
+            )
         return max(checked)
 
     def context(self, cfg: dict, default: builtins.int, where: str) -> builtins.int:
         n = self.int(cfg, "context_length", default, where)
         if n > MAX_CONTEXT:
-            raise ModelError(f"{self.source}: {where}.context_length is {n}; the limit is {MAX_CONTEXT} "
-                             f"(its attention mask alone would take {n * n * 4 / 2**30:.1f} GiB)")
+            raise ModelError(
+                f"{self.source}: {where}.context_length is {n}; the limit is {MAX_CONTEXT} "
+                f"(its attention mask alone would take {n * n * 4 / 2**30:.1f} GiB)"
+            )
         return n
 
 
@@ -175,14 +183,16 @@ def _vision(fields: _Fields, cfg: dict, embed: int) -> float:
     layers = cfg.get("layers", 12)
     if isinstance(layers, (list, tuple)):  # a modified ResNet: blocks per stage
         stages = [fields.int({"layers": n}, "layers", 1, "vision_cfg") for n in layers]
-        total = sum(n * 17 * (width * 2 ** i) ** 2 for i, n in enumerate(stages))
+        total = sum(n * 17 * (width * 2**i) ** 2 for i, n in enumerate(stages))
         return float(total + 3 * (width * 32) ** 2 + width * 32 * embed)
     layers = fields.int(cfg, "layers", 12, "vision_cfg")
     patch = fields.int(cfg, "patch_size", 16, "vision_cfg")
     tokens = (side // patch) ** 2
     if tokens > MAX_TOKENS:
-        raise ModelError(f"{fields.source}: vision_cfg gives {tokens} patches per image "
-                         f"(image_size {side} / patch_size {patch}); the limit is {MAX_TOKENS}")
+        raise ModelError(
+            f"{fields.source}: vision_cfg gives {tokens} patches per image "
+            f"(image_size {side} / patch_size {patch}); the limit is {MAX_TOKENS}"
+        )
     mlp = fields.number(cfg, "mlp_ratio", 4.0, "vision_cfg")
     return _transformer(layers, width, mlp) + 3 * patch * patch * width + tokens * width + width * embed
 

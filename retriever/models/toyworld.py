@@ -36,11 +36,24 @@ SHAPES = ("circle", "square", "triangle", "star")
 POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48)}
 # The same world in Chinese (`toyworld-zh`): captions are `{position}有一个{size}的{colour}{shape}`.
 ZH = {
-    "small": "小", "large": "大",
-    "red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "white": "白色", "black": "黑色",
-    "orange": "橙色", "purple": "紫色",
-    "circle": "圆形", "square": "正方形", "triangle": "三角形", "star": "五角星",
-    "left": "左边", "right": "右边", "top": "上方", "bottom": "下方",
+    "small": "小",
+    "large": "大",
+    "red": "红色",
+    "green": "绿色",
+    "blue": "蓝色",
+    "yellow": "黄色",
+    "white": "白色",
+    "black": "黑色",
+    "orange": "橙色",
+    "purple": "紫色",
+    "circle": "圆形",
+    "square": "正方形",
+    "triangle": "三角形",
+    "star": "五角星",
+    "left": "左边",
+    "right": "右边",
+    "top": "上方",
+    "bottom": "下方",
 }
 LANGS = ("en", "zh")
 _RADIUS = {"small": 6.0, "large": 11.0}
@@ -81,13 +94,15 @@ def random_style(rng) -> Style:
 
 HELD_OUT_STYLES = {
     # A plain, flat background and the smallest shapes: the look that fooled v1 (0.97 -> 0.67).
-    "plain-smallest": Style(grey=(110, 150), noise=0.0, scale=(0.68, 0.78), rotation=0.0, jitter=3.0,
-                            colour_jitter=0, antialias=True),
+    "plain-smallest": Style(
+        grey=(110, 150), noise=0.0, scale=(0.68, 0.78), rotation=0.0, jitter=3.0, colour_jitter=0, antialias=True
+    ),
     # Heavy noise, then harsher JPEG compression than training ever applies.
     "noisy-jpeg": Style(grey=(90, 170), noise=25.0, scale=None, rotation=0.3, jitter=5.0, jpeg_quality=22),
     # Classic v1 rendering, antialiased, on a flat background.
     "flat-classic": Style(grey=(100, 156), noise=0.0, antialias=True),
 }
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -128,8 +143,17 @@ def all_captions(lang: str = "en") -> list[str]:
 # too, so single attributes ("blue", "a star") are meaningful texts for steering and for label
 # tables. Within one template the texts are mutually exclusive, which is what training needs.
 PARTIAL_TEMPLATES = (
-    "{colour}", "a {colour} shape", "{shape}", "a {shape}", "{size}", "a {size} shape", "on the {position}",
-    "a {size} {shape}", "a {colour} {shape}", "a {size} {colour} {shape}", "a {shape} on the {position}",
+    "{colour}",
+    "a {colour} shape",
+    "{shape}",
+    "a {shape}",
+    "{size}",
+    "a {size} shape",
+    "on the {position}",
+    "a {size} {shape}",
+    "a {colour} {shape}",
+    "a {size} {colour} {shape}",
+    "a {shape} on the {position}",
 )
 
 
@@ -199,7 +223,9 @@ def render(scene: Scene, seed: int | None = None, style: Style | None = None) ->
     return image
 
 
-def sample(n: int, seed: int = 0, style: Style | str | None = None, lang: str = "en") -> Iterator[tuple[Image.Image, str]]:
+def sample(
+    n: int, seed: int = 0, style: Style | str | None = None, lang: str = "en"
+) -> Iterator[tuple[Image.Image, str]]:
     """Yield `n` (image, caption) pairs, reproducible for a given seed (the same images in every `lang`).
 
     `style`: a Style, a name from HELD_OUT_STYLES, "random" (a fresh training style per image),

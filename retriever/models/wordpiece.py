@@ -23,8 +23,16 @@ VOCAB_FILE = Path(__file__).parent / "vocab" / "bert-chinese.txt"
 # Chinese-CLIP's reference code and all its released models use 52 tokens.
 CONTEXT_LENGTH = 52
 _MAX_CHARS_PER_WORD = 200
-_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-               (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+_CJK_RANGES = (
+    (0x4E00, 0x9FFF),
+    (0x3400, 0x4DBF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0xF900, 0xFAFF),
+    (0x2F800, 0x2FA1F),
+)
 
 
 def is_cjk(char: str) -> bool:
@@ -147,6 +155,6 @@ class WordPieceTokenizer:
         n = context_length or self.context_length
         out = torch.full((len(texts), n), self.pad_token_id, dtype=torch.long)
         for row, text in enumerate(texts):
-            ids = [self.cls_token_id, *self.encode(text)[:n - 2], self.sep_token_id]
-            out[row, :len(ids)] = torch.tensor(ids)
+            ids = [self.cls_token_id, *self.encode(text)[: n - 2], self.sep_token_id]
+            out[row, : len(ids)] = torch.tensor(ids)
         return out

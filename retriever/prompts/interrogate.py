@@ -60,8 +60,14 @@ class Interrogation:
     terms: dict[str, list[dict]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"image": self.image, "mode": self.mode, "prompt": self.prompt, "caption": self.caption,
-                "similarity": round(self.similarity, 6), "terms": self.terms}
+        return {
+            "image": self.image,
+            "mode": self.mode,
+            "prompt": self.prompt,
+            "caption": self.caption,
+            "similarity": round(self.similarity, 6),
+            "terms": self.terms,
+        }
 
 
 class GeneratedCaption:
@@ -95,8 +101,14 @@ class Interrogator:
         >>> it.interrogate("red_star.png", mode="fast").prompt
     """
 
-    def __init__(self, model: LoadedModel, tables: Sequence[LabelTable], caption_source: CaptionSource | None = None,
-                 flavor_intermediate_count: int = FLAVOR_INTERMEDIATE_COUNT, batch_size: int = 256):
+    def __init__(
+        self,
+        model: LoadedModel,
+        tables: Sequence[LabelTable],
+        caption_source: CaptionSource | None = None,
+        flavor_intermediate_count: int = FLAVOR_INTERMEDIATE_COUNT,
+        batch_size: int = 256,
+    ):
         if not tables:
             raise RetrieverError("interrogation needs at least one label table")
         if flavor_intermediate_count < 1:
@@ -149,7 +161,11 @@ class Interrogator:
         """
         if caption_model is not None and caption_index is not None:
             raise RetrieverError("give a caption model or a caption index, not both")
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, pretrained, device=device, precision=precision)
+        loaded = (
+            model
+            if isinstance(model, LoadedModel)
+            else load_model(model, pretrained, device=device, precision=precision)
+        )
         # Everything that can fail fast does so before a built-in table is embedded (minutes, once).
         source: CaptionSource | None = None
         if caption_model is not None:
@@ -159,19 +175,31 @@ class Interrogator:
         embed: dict[str, Any] = {"root": cache_dir, "show_progress_bar": show_progress_bar, "on_embed": on_embed}
         user = {name: open_table(name, path, loaded, **embed) for name, path in (tables or {}).items()}
         wanted = [name for name in parse_builtin(builtin) if name not in user]
-        loaded_tables = [load_table(status.name, status.path, loaded)
-                         for status in ensure_builtin_tables(loaded, wanted, **embed)]
+        loaded_tables = [
+            load_table(status.name, status.path, loaded) for status in ensure_builtin_tables(loaded, wanted, **embed)
+        ]
         return cls(loaded, loaded_tables + list(user.values()), source, flavor_intermediate_count)
 
-    def interrogate(self, image: str | Path | Image.Image, mode: str = "best", caption: str | None = None,
-                    min_flavors: int = DEFAULT_MIN_FLAVORS, max_flavors: int | None = None) -> Interrogation:
+    def interrogate(
+        self,
+        image: str | Path | Image.Image,
+        mode: str = "best",
+        caption: str | None = None,
+        min_flavors: int = DEFAULT_MIN_FLAVORS,
+        max_flavors: int | None = None,
+    ) -> Interrogation:
         """A prompt for one image (a path or a PIL image); see `interrogate_many`."""
         return self.interrogate_many([image], mode, caption, min_flavors, max_flavors)[0]
 
-    def interrogate_many(self, images: Sequence[str | Path | Image.Image], mode: str = "best",
-                         caption: str | None = None, min_flavors: int = DEFAULT_MIN_FLAVORS,
-                         max_flavors: int | None = None,
-                         on_progress: Callable[[int, int, float], None] | None = None) -> list[Interrogation]:
+    def interrogate_many(
+        self,
+        images: Sequence[str | Path | Image.Image],
+        mode: str = "best",
+        caption: str | None = None,
+        min_flavors: int = DEFAULT_MIN_FLAVORS,
+        max_flavors: int | None = None,
+        on_progress: Callable[[int, int, float], None] | None = None,
+    ) -> list[Interrogation]:
         """Prompts for several images.
 
         Args:
@@ -224,6 +252,7 @@ class Interrogator:
     def fits(self, text: str) -> bool:
         """Whether `text` fits the model's context without truncation."""
         return self.builder.fits(text)
+
 
 def _load_generator(generator: str | LoadedModel, device: str | None, precision: str) -> LoadedModel:
     """A CoCa model from `toyworld-coca`, `NAME:TAG`, `hf-hub:...` or `local-dir:...` (as `query --generator`)."""

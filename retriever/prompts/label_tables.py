@@ -34,9 +34,26 @@ if TYPE_CHECKING:
 BUILTIN_TABLES = ("artists", "flavors", "mediums", "movements", "trendings", "negative")
 CLIP_INTERROGATOR_INSTALL = "pip install --no-deps clip-interrogator==0.6.0"
 # The sites behind clip-interrogator's "trending" phrases (clip_interrogator.py, load_clip_model).
-SITES = ("Artstation", "behance", "cg society", "cgsociety", "deviantart", "dribble", "flickr", "instagram",
-         "pexels", "pinterest", "pixabay", "pixiv", "polycount", "reddit", "shutterstock", "tumblr", "unsplash",
-         "zbrush central")
+SITES = (
+    "Artstation",
+    "behance",
+    "cg society",
+    "cgsociety",
+    "deviantart",
+    "dribble",
+    "flickr",
+    "instagram",
+    "pexels",
+    "pinterest",
+    "pixabay",
+    "pixiv",
+    "polycount",
+    "reddit",
+    "shutterstock",
+    "tumblr",
+    "unsplash",
+    "zbrush central",
+)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _REBUILD = "a label table must be built with the interrogating model (rebuild it with --model)"
 
@@ -76,8 +93,9 @@ class LabelTable:
         return [Term(self.labels[int(i)], self.name, sign * float(d)) for d, i in zip(D[0], I[0]) if i >= 0]
 
 
-def rank_tables(tables: Sequence[LabelTable], image_features: np.ndarray, top_count: int,
-                reverse: bool = False) -> list[Term]:
+def rank_tables(
+    tables: Sequence[LabelTable], image_features: np.ndarray, top_count: int, reverse: bool = False
+) -> list[Term]:
     """The best `top_count` labels of several tables ranked together (clip-interrogator's merged
     table); a label in two tables counts once, with its first table."""
     merged: dict[str, Term] = {}
@@ -118,7 +136,9 @@ def parse_builtin(names: str | Sequence[str]) -> tuple[str, ...]:
         names = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in names if n not in BUILTIN_TABLES]
     if unknown:
-        raise RetrieverError(f"unknown built-in table {unknown[0]!r}; choose from {', '.join(BUILTIN_TABLES)}, all or none")
+        raise RetrieverError(
+            f"unknown built-in table {unknown[0]!r}; choose from {', '.join(BUILTIN_TABLES)}, all or none"
+        )
     return tuple(dict.fromkeys(names))
 
 
@@ -136,8 +156,10 @@ def data_dir() -> Path:
     for location in locations:
         if (Path(location) / "data" / "flavors.txt").is_file():
             return Path(location) / "data"
-    raise MissingExtraError(f"the built-in label tables are clip-interrogator's word lists: {CLIP_INTERROGATOR_INSTALL} "
-                            "(or pass your own tables with --table NAME=PATH)")
+    raise MissingExtraError(
+        f"the built-in label tables are clip-interrogator's word lists: {CLIP_INTERROGATOR_INSTALL} "
+        "(or pass your own tables with --table NAME=PATH)"
+    )
 
 
 def read_list(path: str | Path) -> list[str]:
@@ -158,8 +180,12 @@ def builtin_labels(name: str) -> list[str]:
     if name not in BUILTIN_TABLES:
         raise RetrieverError(f"unknown built-in table {name!r}; choose from {', '.join(BUILTIN_TABLES)}")
     if name == "trendings":
-        return [*SITES, *(f"trending on {s}" for s in SITES), *(f"featured on {s}" for s in SITES),
-                *(f"{s} contest winner" for s in SITES)]
+        return [
+            *SITES,
+            *(f"trending on {s}" for s in SITES),
+            *(f"featured on {s}" for s in SITES),
+            *(f"{s} contest winner" for s in SITES),
+        ]
     raw = read_list(data_dir() / f"{name}.txt")
     if name == "artists":
         return [f"by {a}" for a in raw] + [f"inspired by {a}" for a in raw]
@@ -177,13 +203,24 @@ class TableStatus:
     seconds: float
 
     def as_dict(self) -> dict:
-        return {"table": self.name, "path": str(self.path), "count": self.count, "built": self.built,
-                "seconds": round(self.seconds, 2)}
+        return {
+            "table": self.name,
+            "path": str(self.path),
+            "count": self.count,
+            "built": self.built,
+            "seconds": round(self.seconds, 2),
+        }
 
 
-def ensure_table(name: str, labels: Sequence[str], model: LoadedModel, root: str | Path | None = None,
-                 batch_size: int = 256, show_progress_bar: bool | None = None,
-                 on_embed: Callable[[str, int], None] | None = None) -> TableStatus:
+def ensure_table(
+    name: str,
+    labels: Sequence[str],
+    model: LoadedModel,
+    root: str | Path | None = None,
+    batch_size: int = 256,
+    show_progress_bar: bool | None = None,
+    on_embed: Callable[[str, int], None] | None = None,
+) -> TableStatus:
     """The cached table for `labels` under `model`, embedding it first if it is not cached yet.
 
     Args:
@@ -216,8 +253,15 @@ def ensure_table(name: str, labels: Sequence[str], model: LoadedModel, root: str
         corpus = Path(tmp) / f"{name}.txt"
         corpus.write_text("\n".join(label.replace("\n", " ") for label in labels) + "\n", encoding="utf-8")
         try:
-            result = build_index(corpus, path, model, batch_size=batch_size, overwrite=True, index_type="flat",
-                                 show_progress_bar=show_progress_bar)
+            result = build_index(
+                corpus,
+                path,
+                model,
+                batch_size=batch_size,
+                overwrite=True,
+                index_type="flat",
+                show_progress_bar=show_progress_bar,
+            )
         except IndexFormatError:
             if (path / MANIFEST).is_file():  # another process finished the same table meanwhile
                 return TableStatus(name, path, int(read_manifest(path)["count"]), False, time.perf_counter() - start)
@@ -225,12 +269,18 @@ def ensure_table(name: str, labels: Sequence[str], model: LoadedModel, root: str
     return TableStatus(name, path, result.report.kept, True, time.perf_counter() - start)
 
 
-def ensure_builtin_tables(model: LoadedModel, names: Sequence[str] = BUILTIN_TABLES, root: str | Path | None = None,
-                          batch_size: int = 256, show_progress_bar: bool | None = None,
-                          on_embed: Callable[[str, int], None] | None = None) -> list[TableStatus]:
+def ensure_builtin_tables(
+    model: LoadedModel,
+    names: Sequence[str] = BUILTIN_TABLES,
+    root: str | Path | None = None,
+    batch_size: int = 256,
+    show_progress_bar: bool | None = None,
+    on_embed: Callable[[str, int], None] | None = None,
+) -> list[TableStatus]:
     """Embed (once per model and list) clip-interrogator's tables into the cache; see `ensure_table`."""
-    return [ensure_table(name, builtin_labels(name), model, root, batch_size, show_progress_bar, on_embed)
-            for name in names]
+    return [
+        ensure_table(name, builtin_labels(name), model, root, batch_size, show_progress_bar, on_embed) for name in names
+    ]
 
 
 def load_table(name: str, path: str | Path, model: LoadedModel) -> LabelTable:
@@ -247,9 +297,15 @@ def load_table(name: str, path: str | Path, model: LoadedModel) -> LabelTable:
     return LabelTable(name, index, labels)
 
 
-def open_table(name: str, path: str | Path, model: LoadedModel, root: str | Path | None = None,
-               batch_size: int = 256, show_progress_bar: bool | None = None,
-               on_embed: Callable[[str, int], None] | None = None) -> LabelTable:
+def open_table(
+    name: str,
+    path: str | Path,
+    model: LoadedModel,
+    root: str | Path | None = None,
+    batch_size: int = 256,
+    show_progress_bar: bool | None = None,
+    on_embed: Callable[[str, int], None] | None = None,
+) -> LabelTable:
     """A user's table: an index directory, or a text file of labels (one a line, embedded once and cached)."""
     path = Path(path)
     if path.is_file():

@@ -35,8 +35,13 @@ class Piece:
 class PromptBuilder:
     """best, fast, classic and negative prompts for one image vector `xq` (normalised, 1-D)."""
 
-    def __init__(self, model: LoadedModel, tables: list[LabelTable],
-                 flavor_intermediate_count: int = FLAVOR_INTERMEDIATE_COUNT, batch_size: int = 256):
+    def __init__(
+        self,
+        model: LoadedModel,
+        tables: list[LabelTable],
+        flavor_intermediate_count: int = FLAVOR_INTERMEDIATE_COUNT,
+        batch_size: int = 256,
+    ):
         from retriever.models.prefix import PrefixScorer
 
         self.model = model
@@ -59,7 +64,9 @@ class PromptBuilder:
         """interrogate_classic: caption, "medium artist", trending, movement (one each), then the
         top `max_flavors` flavors; other tables add their top term after movement."""
         by_name = {t.name: t for t in self._positive_tables()}
-        singles = [n for n in CLASSIC_SINGLES if n in by_name] + [n for n in by_name if n not in CLASSIC_SINGLES and n != "flavors"]
+        singles = [n for n in CLASSIC_SINGLES if n in by_name] + [
+            n for n in by_name if n not in CLASSIC_SINGLES and n != "flavors"
+        ]
         ranked = {name: by_name[name].rank(xq, 1) for name in singles}
         top = {name: terms[0] for name, terms in ranked.items() if terms}
         medium, artist = top.get("mediums"), top.get("artists")
@@ -104,8 +111,16 @@ class PromptBuilder:
             flaves += [scored[label] for label in negative.labels if label in scored]
         return self.chain(xq, flaves, "", None, DEFAULT_MIN_FLAVORS, max_flavors, reverse=True)
 
-    def chain(self, xq: np.ndarray, phrases: list[Term], caption: str, caption_sim: float | None,
-               min_count: int, max_count: int, reverse: bool = False) -> list[Piece]:
+    def chain(
+        self,
+        xq: np.ndarray,
+        phrases: list[Term],
+        caption: str,
+        caption_sim: float | None,
+        min_count: int,
+        max_count: int,
+        reverse: bool = False,
+    ) -> list[Piece]:
         """clip-interrogator's chain: add the phrase that makes the prompt most similar (least with
         `reverse`); stop when that no longer improves it, after at least `min_count` additions.
         Returns the best prompt seen.

@@ -61,15 +61,25 @@ class Retriever:
         >>> [(h.text, h.source) for h in r.query("cat.png", k=3, mode="hybrid")]
     """
 
-    def __init__(self, index: TextIndex | None, model: LoadedModel | None, generator: Any = None,
-                 more_indexes: Sequence[TextIndex] = ()):
+    def __init__(
+        self,
+        index: TextIndex | None,
+        model: LoadedModel | None,
+        generator: Any = None,
+        more_indexes: Sequence[TextIndex] = (),
+    ):
         self.indexes = ([index] if index is not None else []) + list(more_indexes)
         for i, opened in enumerate(self.indexes):
             assert model is not None
-            check_built_with(opened.manifest, model, opened.path,
-                             "query it with the model that built it, or rebuild the index" if i == 0 else
-                             f"indexes searched together must share one model (the first, {self.indexes[0].path}, "
-                             f"was built with {model.spec})")
+            check_built_with(
+                opened.manifest,
+                model,
+                opened.path,
+                "query it with the model that built it, or rebuild the index"
+                if i == 0
+                else f"indexes searched together must share one model (the first, {self.indexes[0].path}, "
+                f"was built with {model.spec})",
+            )
         self.index = index
         self.model = model
         self.encoder = Encoder(model) if model is not None else None
@@ -82,9 +92,16 @@ class Retriever:
         self._captioner = generator if hasattr(generator, "caption_candidates") else None
 
     @classmethod
-    def open(cls, index: str | Path | Sequence[str | Path] | None = None, model: str | None = None,
-             pretrained: str | None = None, device: str | None = None, precision: str = "fp32",
-             generator: str | LoadedModel | None = None, generator_pretrained: str | None = None) -> Retriever:
+    def open(
+        cls,
+        index: str | Path | Sequence[str | Path] | None = None,
+        model: str | None = None,
+        pretrained: str | None = None,
+        device: str | None = None,
+        precision: str = "fp32",
+        generator: str | LoadedModel | None = None,
+        generator_pretrained: str | None = None,
+    ) -> Retriever:
         """Open an index with the model recorded in its manifest (or `model`/`pretrained`, which
         must be the same weights, e.g. a checkpoint that has moved), and optionally a generator.
 
@@ -196,7 +213,9 @@ class Retriever:
         if mode == "generate":
             generated = self.captioner.caption_candidates(pil, decode, n=n_generate)
             scores = self._similarities(pil, generated) if self.encoder is not None else None
-            return [self._generated_hits(texts, None if scores is None else scores[i]) for i, texts in enumerate(generated)]
+            return [
+                self._generated_hits(texts, None if scores is None else scores[i]) for i, texts in enumerate(generated)
+            ]
         xq = self._require_encoder().encode_image(pil, batch_size=batch_size, show_progress_bar=False)
         xq = self.steer(xq, text=text, plus=plus, minus=minus)
         results = self.search(xq, k, diversity=diversity, fetch_k=fetch_k, dedupe=dedupe, where=where)
@@ -208,22 +227,39 @@ class Retriever:
             generated = self.captioner.caption_candidates([pil[i] for i in weak], decode, n=n_generate)
             for i, texts in zip(weak, generated):
                 texts = [t for t in texts if t not in {h.text for h in results[i]}]
-                similar: list[float] = (self._require_encoder().encode_text(texts, show_progress_bar=False) @ xq[i]).tolist() if texts else []
+                similar: list[float] = (
+                    (self._require_encoder().encode_text(texts, show_progress_bar=False) @ xq[i]).tolist()
+                    if texts
+                    else []
+                )
                 merged = results[i] + self._generated_hits(texts, similar)
                 results[i] = sorted(merged, key=lambda h: -_score(h))[:k]
         return results
 
-    def query_text(self, text: str, k: int = 10, plus: Sequence[str | tuple[str, float]] = (),
-                   minus: Sequence[str | tuple[str, float]] = (), **options: Any) -> list[Hit]:
+    def query_text(
+        self,
+        text: str,
+        k: int = 10,
+        plus: Sequence[str | tuple[str, float]] = (),
+        minus: Sequence[str | tuple[str, float]] = (),
+        **options: Any,
+    ) -> list[Hit]:
         """The `k` indexed texts nearest to a text query (steering and result options as in `query_many`)."""
         if not text or not text.strip():
             raise RetrieverError("the text query is empty")
         xq = self.steer(self._require_encoder().encode_text([text], show_progress_bar=False), plus=plus, minus=minus)
         return self.search(xq, k, **options)[0]
 
-    def query_blend(self, images: Sequence[str | Path | Image.Image], weights: Sequence[float] | None = None,
-                    k: int = 10, text: str | None = None, plus: Sequence[str | tuple[str, float]] = (),
-                    minus: Sequence[str | tuple[str, float]] = (), **options: Any) -> list[Hit]:
+    def query_blend(
+        self,
+        images: Sequence[str | Path | Image.Image],
+        weights: Sequence[float] | None = None,
+        k: int = 10,
+        text: str | None = None,
+        plus: Sequence[str | tuple[str, float]] = (),
+        minus: Sequence[str | tuple[str, float]] = (),
+        **options: Any,
+    ) -> list[Hit]:
         """One result list for several images blended (weighted, normalised), optionally steered."""
         from PIL import Image
 
@@ -235,8 +271,15 @@ class Retriever:
         xq = blend(self._require_encoder().encode_image(pil, show_progress_bar=False), weights)[None]
         return self.search(self.steer(xq, text=text, plus=plus, minus=minus), k, **options)[0]
 
-    def more_like(self, id: int, k: int = 10, index: int = 0, plus: Sequence[str | tuple[str, float]] = (),
-                  minus: Sequence[str | tuple[str, float]] = (), **options: Any) -> list[Hit]:
+    def more_like(
+        self,
+        id: int,
+        k: int = 10,
+        index: int = 0,
+        plus: Sequence[str | tuple[str, float]] = (),
+        minus: Sequence[str | tuple[str, float]] = (),
+        **options: Any,
+    ) -> list[Hit]:
         """Hits for an indexed text's own stored vector ("more like this"): row `id` of index number `index`."""
         from retriever.search.options import exact_vectors
 
@@ -250,8 +293,13 @@ class Retriever:
         xq = self.steer(exact_vectors(source, [int(id)]), plus=plus, minus=minus)
         return self.search(xq, k, **options)[0]
 
-    def steer(self, xq: np.ndarray, text: str | None = None, plus: Sequence[str | tuple[str, float]] = (),
-              minus: Sequence[str | tuple[str, float]] = ()) -> np.ndarray:
+    def steer(
+        self,
+        xq: np.ndarray,
+        text: str | None = None,
+        plus: Sequence[str | tuple[str, float]] = (),
+        minus: Sequence[str | tuple[str, float]] = (),
+    ) -> np.ndarray:
         """Query vectors `xq` combined with a text and pushed by weighted modifiers, normalised."""
         from retriever.search.steering import normalise, parse_weighted, steer
 
@@ -273,8 +321,15 @@ class Retriever:
         minus_v, minus_w = weighted(minus)
         return steer(xq, plus_v, plus_w, minus_v, minus_w)
 
-    def search(self, xq: np.ndarray, k: int, diversity: float = 0.0, fetch_k: int | None = None,
-               dedupe: float | None = None, where: str | None = None) -> list[list[Hit]]:
+    def search(
+        self,
+        xq: np.ndarray,
+        k: int,
+        diversity: float = 0.0,
+        fetch_k: int | None = None,
+        dedupe: float | None = None,
+        where: str | None = None,
+    ) -> list[list[Hit]]:
         """Hits for each row of `xq` (normalised query vectors from this model), from every index
         merged by score, with the result options of `query_many`."""
         from retriever.search.filters import where_mask
@@ -303,8 +358,9 @@ class Retriever:
     def _similarities(self, images: list, texts: list[list[str]]) -> list[list[float]]:
         encoder = self._require_encoder()
         xq = encoder.encode_image(images, show_progress_bar=False)
-        return [(encoder.encode_text(t, show_progress_bar=False) @ xq[i]).tolist() if t else []
-                for i, t in enumerate(texts)]
+        return [
+            (encoder.encode_text(t, show_progress_bar=False) @ xq[i]).tolist() if t else [] for i, t in enumerate(texts)
+        ]
 
     def _generated_hits(self, texts: list[str], scores: list[float] | None) -> list[Hit]:
         source = getattr(self.captioner, "source", "generated")  # "styled" for a style decoder

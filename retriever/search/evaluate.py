@@ -162,12 +162,22 @@ def evaluate(
         options = {**(query_options or {}), **setting}
         row_k = int(options.pop("k", k))  # `k` itself can be swept
         shown = {**options, "k": row_k} if "k" in setting else options
-        rows.append({"options": shown, **_result_metrics(retriever, pil, xq, images, by_image, row_k, options, batch_size)})
+        rows.append(
+            {"options": shown, **_result_metrics(retriever, pil, xq, images, by_image, row_k, options, batch_size)}
+        )
     return EvalResult(str(pairs.path), str(retriever.index.path), len(images), len(captions), retrieval, rows)
 
 
-def _result_metrics(retriever: Retriever, pil: list, xq: np.ndarray, images: list[Path],
-                    by_image: dict[Path, set[str]], k: int, options: dict[str, Any], batch_size: int) -> dict[str, Any]:
+def _result_metrics(
+    retriever: Retriever,
+    pil: list,
+    xq: np.ndarray,
+    images: list[Path],
+    by_image: dict[Path, set[str]],
+    k: int,
+    options: dict[str, Any],
+    batch_size: int,
+) -> dict[str, Any]:
     """Diversity, relevance, top-1 accuracy and metadata coverage of each image's top-k hits."""
     import numpy as np
 

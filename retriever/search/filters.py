@@ -26,13 +26,16 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     \s*(?:
       (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
     | (?P<number>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
     | (?P<op>==|!=|<=|>=|=|<|>|\(|\)|,)
     | (?P<word>[A-Za-z_][A-Za-z0-9_.\-]*)
-    )""", re.VERBOSE)
+    )""",
+    re.VERBOSE,
+)
 _KEYWORDS = {"and", "or", "not", "in", "contains", "true", "false", "null"}
 MAX_LENGTH = 10_000
 
@@ -223,9 +226,16 @@ def _evaluate(node: tuple, table: pa.Table) -> Any:
         if value is None:  # `x = null` / `x != null`
             return pc.is_null(column) if kind == "==" else pc.is_valid(column)
         scalar = pa.scalar(value).cast(column.type)
-        function = {"==": pc.equal, "!=": pc.not_equal, "<": pc.less, "<=": pc.less_equal,
-                    ">": pc.greater, ">=": pc.greater_equal}[kind]
+        function = {
+            "==": pc.equal,
+            "!=": pc.not_equal,
+            "<": pc.less,
+            "<=": pc.less_equal,
+            ">": pc.greater,
+            ">=": pc.greater_equal,
+        }[kind]
         return function(column, scalar)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OverflowError) as e:
-        raise FilterError(f"--where: cannot compare column {node[1]!r} ({column.type}) with {node[2]!r}: "
-                          f"{str(e).splitlines()[0]}") from None
+        raise FilterError(
+            f"--where: cannot compare column {node[1]!r} ({column.type}) with {node[2]!r}: {str(e).splitlines()[0]}"
+        ) from None

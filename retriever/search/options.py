@@ -82,16 +82,21 @@ def stored_vectors(index: TextIndex) -> Any | None:
         return None
     vectors = np.load(path, mmap_mode="r", allow_pickle=False)
     if vectors.shape != (len(index), int(index.faiss_index.d)):
-        raise RetrieverError(f"{path}: damaged index: vectors are {vectors.shape}, the index has "
-                             f"{len(index)} x {index.faiss_index.d} (rebuild it with build-index --overwrite)")
+        raise RetrieverError(
+            f"{path}: damaged index: vectors are {vectors.shape}, the index has "
+            f"{len(index)} x {index.faiss_index.d} (rebuild it with build-index --overwrite)"
+        )
     return vectors
 
 
 def can_rerank(index: TextIndex) -> bool:
     """Whether exact vectors are available: stored, or held by a flat or HNSW index."""
     factory = str(index.manifest.get("faiss_factory", ""))
-    return (Path(index.path) / VECTORS_FILE).is_file() or factory == "Flat" or \
-        (factory.startswith("HNSW") and factory.endswith(",Flat"))
+    return (
+        (Path(index.path) / VECTORS_FILE).is_file()
+        or factory == "Flat"
+        or (factory.startswith("HNSW") and factory.endswith(",Flat"))
+    )
 
 
 def exact_vectors(index: TextIndex, ids: np.ndarray | Sequence[int]) -> np.ndarray:
@@ -105,9 +110,11 @@ def exact_vectors(index: TextIndex, ids: np.ndarray | Sequence[int]) -> np.ndarr
     factory = str(index.manifest.get("faiss_factory", ""))
     if can_rerank(index):
         return index.faiss_index.reconstruct_batch(np.asarray(ids, dtype=np.int64))
-    raise RetrieverError(f"{index.path}: this {factory or 'approximate'} index has no stored vectors "
-                         f"({VECTORS_FILE}), which diversity, dedupe and --like need; rebuild it with "
-                         "build-index (without --no-vectors)")
+    raise RetrieverError(
+        f"{index.path}: this {factory or 'approximate'} index has no stored vectors "
+        f"({VECTORS_FILE}), which diversity, dedupe and --like need; rebuild it with "
+        "build-index (without --no-vectors)"
+    )
 
 
 def search_parameters(index: TextIndex, mask: np.ndarray | None) -> tuple[Any, Any]:
@@ -139,8 +146,9 @@ def search_parameters(index: TextIndex, mask: np.ndarray | None) -> tuple[Any, A
     return params, (bits, selector)
 
 
-def search_index(index: TextIndex, xq: np.ndarray, k: int, options: ResultOptions,
-                 mask: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def search_index(
+    index: TextIndex, xq: np.ndarray, k: int, options: ResultOptions, mask: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each row of `xq`, (scores, row ids) of at most `k` hits under `options`.
 
     `mask` is a precomputed --where row mask (None: every row).
@@ -209,8 +217,13 @@ def _threads() -> Any:
     return _POOL
 
 
-def search_indexes(indexes: list[TextIndex], xq: np.ndarray, k: int, options: ResultOptions,
-                   masks: Sequence[np.ndarray | None] | None = None) -> list[list[tuple[int, float, int]]]:
+def search_indexes(
+    indexes: list[TextIndex],
+    xq: np.ndarray,
+    k: int,
+    options: ResultOptions,
+    masks: Sequence[np.ndarray | None] | None = None,
+) -> list[list[tuple[int, float, int]]]:
     """Search several indexes built with one model and merge by score (by MMR when diversity is
     on): for each row of `xq`, the `k` best (index position, score, row id). The indexes are searched in parallel threads
     (FAISS releases the GIL), so two cost about as much as the slower one where cores allow."""

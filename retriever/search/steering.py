@@ -22,7 +22,7 @@ DEFAULT_WEIGHT = 1.0
 
 
 def parse_weighted(spec: str, default: float = DEFAULT_WEIGHT) -> tuple[str, float]:
-    """"film noir" -> ("film noir", 1.0); "autumn:0.5" -> ("autumn", 0.5); "a.jpg:2" -> ("a.jpg", 2.0)."""
+    """ "film noir" -> ("film noir", 1.0); "autumn:0.5" -> ("autumn", 0.5); "a.jpg:2" -> ("a.jpg", 2.0)."""
     match = _WEIGHT.match(spec)
     text, weight = (match["text"], float(match["weight"])) if match else (spec, default)
     text = text.strip()
@@ -55,8 +55,13 @@ def blend(vectors: np.ndarray, weights: Sequence[float] | None = None) -> np.nda
     return normalise((w[:, None] * vectors).sum(axis=0))
 
 
-def steer(xq: np.ndarray, plus: np.ndarray | None = None, plus_weights: Sequence[float] = (),
-          minus: np.ndarray | None = None, minus_weights: Sequence[float] = ()) -> np.ndarray:
+def steer(
+    xq: np.ndarray,
+    plus: np.ndarray | None = None,
+    plus_weights: Sequence[float] = (),
+    minus: np.ndarray | None = None,
+    minus_weights: Sequence[float] = (),
+) -> np.ndarray:
     """normalise(xq + sum(w * plus) - sum(w * minus)) for one query `xq` (1-D) or each row of a 2-D `xq`."""
     import numpy as np
 

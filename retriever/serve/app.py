@@ -66,8 +66,12 @@ class ServerSettings:
     verify_on_start: bool = True
 
 
-def create_app(retrievers: "dict[str, Retriever]", settings: "ServerSettings | None" = None,
-               verifier: "Callable[[Path], None] | None" = None, generators: "dict[str, dict] | None" = None):
+def create_app(
+    retrievers: "dict[str, Retriever]",
+    settings: "ServerSettings | None" = None,
+    verifier: "Callable[[Path], None] | None" = None,
+    generators: "dict[str, dict] | None" = None,
+):
     """A FastAPI app serving `retrievers` by name (the first is the default index).
 
     `generators` maps each index name to the generators a query may choose for it (field
@@ -90,22 +94,33 @@ def create_app(retrievers: "dict[str, Retriever]", settings: "ServerSettings | N
     settings = settings or ServerSettings()
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retriever-inference")
     pending = _Gate(settings.max_pending)
-    limits = Limits(max_k=settings.max_k, max_text_chars=settings.max_text_chars, max_images=settings.max_images,
-                    max_modifiers=settings.max_modifiers, max_indexes=max(len(retrievers), 1),
-                    max_fetch_k=settings.max_fetch_k)
+    limits = Limits(
+        max_k=settings.max_k,
+        max_text_chars=settings.max_text_chars,
+        max_images=settings.max_images,
+        max_modifiers=settings.max_modifiers,
+        max_indexes=max(len(retrievers), 1),
+        max_fetch_k=settings.max_fetch_k,
+    )
     generators = generators if generators is not None else generators_of(retrievers)
     combined = Combined(generators)
     default = next(iter(retrievers))
-    health = IndexHealth({name: [ix.path for ix in r.indexes] for name, r in retrievers.items()},
-                         (verifier or default_verifier()) if settings.verify_on_start else None)
+    health = IndexHealth(
+        {name: [ix.path for ix in r.indexes] for name, r in retrievers.items()},
+        (verifier or default_verifier()) if settings.verify_on_start else None,
+    )
 
     @asynccontextmanager
     async def lifespan(app):
         health.start()
         yield
 
-    app = FastAPI(title="retriever", version="1", summary="Caption ideas for images: retrieved, generated, or both.",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="retriever",
+        version="1",
+        summary="Caption ideas for images: retrieved, generated, or both.",
+        lifespan=lifespan,
+    )
     app.add_middleware(SecurityMiddleware, hosts=settings.allowed_hosts, api_key=settings.api_key)
     app.state.health = health
 
@@ -142,9 +157,18 @@ def create_app(retrievers: "dict[str, Retriever]", settings: "ServerSettings | N
     @app.get("/v1/indexes")
     async def indexes() -> dict:
         names = list(dict.fromkeys(g for per_index in generators.values() for g in per_index))
-        return {"default": default, "indexes": [_describe(name, r, generators.get(name, {})) for name, r in retrievers.items()],
-                "generators": [{"name": g, "source": _source(g, generators),
-                                "indexes": [i for i, per_index in generators.items() if g in per_index]} for g in names]}
+        return {
+            "default": default,
+            "indexes": [_describe(name, r, generators.get(name, {})) for name, r in retrievers.items()],
+            "generators": [
+                {
+                    "name": g,
+                    "source": _source(g, generators),
+                    "indexes": [i for i, per_index in generators.items() if g in per_index],
+                }
+                for g in names
+            ],
+        }
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -158,8 +182,9 @@ def create_app(retrievers: "dict[str, Retriever]", settings: "ServerSettings | N
         check_declared_length(request, settings.max_upload_bytes)
         content_type = content_type_of(request)
         if not pending.enter():
-            raise HTTPProblem(503, "busy: too many queries in progress, retry shortly",
-                              {"Retry-After": str(settings.retry_after_s)})
+            raise HTTPProblem(
+                503, "busy: too many queries in progress, retry shortly", {"Retry-After": str(settings.retry_after_s)}
+            )
         try:
             body = await read_body(request, settings.max_upload_bytes)
             raw = parse_json(body) if content_type == "application/json" else await parse_form(request)
@@ -173,9 +198,15 @@ def create_app(retrievers: "dict[str, Retriever]", settings: "ServerSettings | N
             hits = await loop.run_in_executor(worker, answer, names, target, params, mode)
         finally:
             pending.leave()
-        return {"index": names[0], "indexes": list(names), "mode": mode, "generator": generator, "k": params.k,
-                "note": note(hits, params), "hits": [{**label(params), "rank": rank, **hit.to_dict()}
-                                                      for rank, hit in enumerate(hits, start=1)]}
+        return {
+            "index": names[0],
+            "indexes": list(names),
+            "mode": mode,
+            "generator": generator,
+            "k": params.k,
+            "note": note(hits, params),
+            "hits": [{**label(params), "rank": rank, **hit.to_dict()} for rank, hit in enumerate(hits, start=1)],
+        }
 
     return app
 
@@ -191,8 +222,9 @@ def _describe(name: str, retriever: "Retriever", generators: dict) -> dict:
         "index_type": manifest.get("index_type") if manifest else None,
         "generator": default_generator,  # the default; `generators` are those a query may choose
         "generators": list(generators),
-        "modes": [m for m, ok in (("retrieve", manifest), ("generate", generators),
-                                  ("hybrid", manifest and generators)) if ok],
+        "modes": [
+            m for m, ok in (("retrieve", manifest), ("generate", generators), ("hybrid", manifest and generators)) if ok
+        ],
     }
 
 

@@ -15,8 +15,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Result options (diversity ... indexes) mean what `retriever query`'s options mean; see README.
-JSON_FIELDS = {"image", "image_base64", "images", "weights", "text", "k", "mode", "index", "indexes", "dedupe",
-               "diversity", "fetch_k", "where", "plus", "minus", "like", "like_index", "generator"}
+JSON_FIELDS = {
+    "image",
+    "image_base64",
+    "images",
+    "weights",
+    "text",
+    "k",
+    "mode",
+    "index",
+    "indexes",
+    "dedupe",
+    "diversity",
+    "fetch_k",
+    "where",
+    "plus",
+    "minus",
+    "like",
+    "like_index",
+    "generator",
+}
 # Multipart fields that may repeat (several files, several modifiers).
 FORM_LISTS = ("plus", "minus", "weights", "indexes")
 CONTENT_TYPES = ("application/json", "multipart/form-data")
@@ -80,8 +98,11 @@ def content_type_of(request) -> str:
     """The media type of a request, lower case, without parameters; 415 unless JSON or multipart."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in CONTENT_TYPES:
-        raise HTTPProblem(415, f"unsupported content type {content_type or '(none)'!r}; "
-                               "send multipart/form-data (an image upload) or application/json")
+        raise HTTPProblem(
+            415,
+            f"unsupported content type {content_type or '(none)'!r}; "
+            "send multipart/form-data (an image upload) or application/json",
+        )
     return content_type
 
 
@@ -129,8 +150,9 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise HTTPProblem(400, f"the JSON body must be an object, not {_json_type(data)}")
     unknown = set(data) - JSON_FIELDS
     if unknown:
-        raise HTTPProblem(400, f"unknown field(s) {', '.join(map(repr, sorted(unknown)))}; "
-                               f"expected {', '.join(sorted(JSON_FIELDS))}")
+        raise HTTPProblem(
+            400, f"unknown field(s) {', '.join(map(repr, sorted(unknown)))}; expected {', '.join(sorted(JSON_FIELDS))}"
+        )
     if "image" in data and "image_base64" in data:
         raise HTTPProblem(400, "send the image once, as image or image_base64")
     encoded = data.pop("image_base64", None)
@@ -197,16 +219,25 @@ def check_fields(data: dict[str, Any], limits: Limits) -> QueryParams:
             raise HTTPProblem(400, http_message(str(e))) from None
     like = data.get("like")
     return QueryParams(
-        text=text, image_bytes=data.get("image_bytes"), filename=filename,
-        k=_int_field(data.get("k", 10), "k", 1, limits.max_k), mode=_optional_str(data, "mode") or None,
-        index=_optional_str(data, "index") or None, dedupe=_dedupe_field(data.get("dedupe")),
-        images=images, weights=weights, indexes=_names_field(data.get("indexes"), limits.max_indexes),
+        text=text,
+        image_bytes=data.get("image_bytes"),
+        filename=filename,
+        k=_int_field(data.get("k", 10), "k", 1, limits.max_k),
+        mode=_optional_str(data, "mode") or None,
+        index=_optional_str(data, "index") or None,
+        dedupe=_dedupe_field(data.get("dedupe")),
+        images=images,
+        weights=weights,
+        indexes=_names_field(data.get("indexes"), limits.max_indexes),
         diversity=_number_field(data.get("diversity", 0.0), "diversity", 0.0, 1.0),
         fetch_k=None if data.get("fetch_k") is None else _int_field(data["fetch_k"], "fetch_k", 1, limits.max_fetch_k),
         where=where,
-        plus=_modifiers_field(data.get("plus"), "plus", limits), minus=_modifiers_field(data.get("minus"), "minus", limits),
+        plus=_modifiers_field(data.get("plus"), "plus", limits),
+        minus=_modifiers_field(data.get("minus"), "minus", limits),
         like=None if like is None else _int_field(like, "like", 0, 2**62),
-        like_index=_optional_str(data, "like_index") or None, generator=_optional_str(data, "generator") or None)
+        like_index=_optional_str(data, "like_index") or None,
+        generator=_optional_str(data, "generator") or None,
+    )
 
 
 def http_message(message: str) -> str:
@@ -277,8 +308,11 @@ def _names_field(value: Any, limit: int) -> list[str] | None:
     names: list[str] = []
     for i, item in enumerate(items):
         if not isinstance(item, str) or not item.strip():
-            raise HTTPProblem(400, f"indexes[{i}] must be an index name (a non-empty string), not "
-                                   f"{_json_type(item) if not isinstance(item, str) else 'an empty string'}")
+            raise HTTPProblem(
+                400,
+                f"indexes[{i}] must be an index name (a non-empty string), not "
+                f"{_json_type(item) if not isinstance(item, str) else 'an empty string'}",
+            )
         names.extend(part.strip() for part in item.split(",") if part.strip())
     names = list(dict.fromkeys(names))  # a name twice is searched once
     if not names:
@@ -304,8 +338,9 @@ def _modifiers_field(value: Any, name: str, limits: Limits) -> list[tuple[str, f
         if isinstance(item, dict):
             unknown = set(item) - {"text", "weight"}
             if unknown:
-                raise HTTPProblem(400, f"{where}: unknown key(s) {', '.join(map(repr, sorted(unknown)))}; "
-                                       "expected text and weight")
+                raise HTTPProblem(
+                    400, f"{where}: unknown key(s) {', '.join(map(repr, sorted(unknown)))}; expected text and weight"
+                )
             text = _text_field(item, "text", limits.max_text_chars) if "text" in item else None
             if text is None:
                 raise HTTPProblem(400, f"{where} needs a text")
@@ -318,8 +353,7 @@ def _modifiers_field(value: Any, name: str, limits: Limits) -> list[tuple[str, f
             except RetrieverError as e:
                 raise HTTPProblem(400, f"{where}: {e}") from None
         else:
-            raise HTTPProblem(400, f"{where} must be a text or an object {{\"text\", \"weight\"}}, "
-                                   f"not {_json_type(item)}")
+            raise HTTPProblem(400, f'{where} must be a text or an object {{"text", "weight"}}, not {_json_type(item)}')
     return pairs
 
 
@@ -394,6 +428,13 @@ def _int_field(value: Any, name: str, low: int, high: int) -> int:
 
 
 def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-             int: "a number", float: "a number"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+        int: "a number",
+        float: "a number",
+    }
     return names.get(type(value), type(value).__name__)

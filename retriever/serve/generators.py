@@ -39,8 +39,10 @@ def generator_name(generator: Any) -> str:
 
 def generators_of(retrievers: dict[str, Retriever]) -> dict[str, dict[str, Any]]:
     """Each Retriever's own generator (if any), named by its spec: the generators of a server given Retrievers only."""
-    return {name: ({generator_name(r.generator): r.generator} if r.generator is not None else {})
-            for name, r in retrievers.items()}
+    return {
+        name: ({generator_name(r.generator): r.generator} if r.generator is not None else {})
+        for name, r in retrievers.items()
+    }
 
 
 def open_served(indexes: Sequence[str | Path], generators: Sequence[str], device: str | None = None) -> Served:
@@ -62,7 +64,9 @@ def open_served(indexes: Sequence[str | Path], generators: Sequence[str], device
     twice = {n for n in names if names.count(n) > 1}
     if twice:
         raise RetrieverError(f"--generator {min(twice)} is given twice")
-    trained = {ref: _trained_with(ref) for ref in names if _is_style(ref)}  # a mistyped folder fails before any model loads
+    trained = {
+        ref: _trained_with(ref) for ref in names if _is_style(ref)
+    }  # a mistyped folder fails before any model loads
     retrievers: dict[str, Retriever] = {}
     for path in indexes:
         name = Path(path).name
@@ -74,13 +78,17 @@ def open_served(indexes: Sequence[str | Path], generators: Sequence[str], device
         first = next(iter(loaded.values()), None)
         return Served({GENERATOR_ONLY: Retriever(None, None, first)}, {GENERATOR_ONLY: loaded})
 
-    fitting = {ref: [name for name, r in retrievers.items() if _clip(r).fingerprint == clip.get("fingerprint")]
-               for ref, clip in trained.items()}
+    fitting = {
+        ref: [name for name, r in retrievers.items() if _clip(r).fingerprint == clip.get("fingerprint")]
+        for ref, clip in trained.items()
+    }
     for ref, clip in trained.items():
         if not fitting[ref]:
             built = sorted({f"{_clip(r).spec} ({name})" for name, r in retrievers.items()})
-            raise RetrieverError(f"{ref} was trained with CLIP {clip.get('name')} [{clip.get('fingerprint')}], "
-                                 f"which built none of the indexes: {', '.join(built)}")
+            raise RetrieverError(
+                f"{ref} was trained with CLIP {clip.get('name')} [{clip.get('fingerprint')}], "
+                f"which built none of the indexes: {', '.join(built)}"
+            )
     served: dict[str, dict[str, Any]] = {name: {} for name in retrievers}
     for ref in names:
         if not _is_style(ref):

@@ -35,7 +35,9 @@ class IndexHealth:
 
     def __init__(self, paths: dict[str, list[Path]], verify: Callable[[Path], None] | None):
         self.paths, self.verify = paths, verify
-        self._state: dict[str, tuple[str, str | None]] = {name: (CHECKING if verify and dirs else UNCHECKED, None) for name, dirs in paths.items()}
+        self._state: dict[str, tuple[str, str | None]] = {
+            name: (CHECKING if verify and dirs else UNCHECKED, None) for name, dirs in paths.items()
+        }
         self._lock = threading.Lock()
         self.thread: threading.Thread | None = None
 
@@ -73,5 +75,7 @@ class IndexHealth:
     def report(self) -> dict[str, dict]:
         """`{name: {"state": ..., "detail": ...}}` for /healthz."""
         with self._lock:
-            return {name: {"state": state, **({"detail": detail} if detail else {})}
-                    for name, (state, detail) in self._state.items()}
+            return {
+                name: {"state": state, **({"detail": detail} if detail else {})}
+                for name, (state, detail) in self._state.items()
+            }

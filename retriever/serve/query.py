@@ -23,8 +23,13 @@ if TYPE_CHECKING:
 IMAGE_ERROR_STATUS = {"too_large": 413}
 
 
-def check_query(params: QueryParams, retrievers: dict[str, Retriever], default: str,
-                health: IndexHealth, generators: dict[str, dict] | None = None) -> tuple[tuple[str, ...], str, str | None]:
+def check_query(
+    params: QueryParams,
+    retrievers: dict[str, Retriever],
+    default: str,
+    health: IndexHealth,
+    generators: dict[str, dict] | None = None,
+) -> tuple[tuple[str, ...], str, str | None]:
     """The index names, mode and generator name (None when retrieving) of a query, or a refusal of what it asks for."""
     if params.index is not None and params.indexes is not None:
         raise HTTPProblem(400, "send index (one name) or indexes (several), not both")
@@ -60,12 +65,26 @@ def check_query(params: QueryParams, retrievers: dict[str, Retriever], default: 
         if not available:
             raise HTTPProblem(400, f"{names[0]!r} has no generator: start the server with --generator for mode={mode}")
     if mode == "generate":
-        used = [f for f, on in (("text", text is not None), ("plus", params.plus), ("minus", params.minus),
-                                ("diversity", params.diversity), ("fetch_k", params.fetch_k), ("where", params.where),
-                                ("like", params.like is not None), ("indexes", len(names) > 1)) if on]
+        used = [
+            f
+            for f, on in (
+                ("text", text is not None),
+                ("plus", params.plus),
+                ("minus", params.minus),
+                ("diversity", params.diversity),
+                ("fetch_k", params.fetch_k),
+                ("where", params.where),
+                ("like", params.like is not None),
+                ("indexes", len(names) > 1),
+            )
+            if on
+        ]
         if used:
-            raise HTTPProblem(400, f"mode=generate writes captions without an index: {', '.join(used)} "
-                                   "apply to retrieved texts (use retrieve or hybrid)")
+            raise HTTPProblem(
+                400,
+                f"mode=generate writes captions without an index: {', '.join(used)} "
+                "apply to retrieved texts (use retrieve or hybrid)",
+            )
     if mode != "generate":
         for name in names:
             damage = health.problem(name)
@@ -82,8 +101,11 @@ def _check_generator(asked: str | None, index: str, mode: str, available: dict, 
     if asked not in loaded:
         raise HTTPProblem(400, f"unknown generator {asked[:200]!r}; loaded: {', '.join(loaded) or '(none)'}")
     if asked not in available:
-        raise HTTPProblem(400, f"generator {asked!r} does not serve index {index!r} (it was trained with another "
-                               f"CLIP model); for {index!r} choose from: {', '.join(available) or '(none)'}")
+        raise HTTPProblem(
+            400,
+            f"generator {asked!r} does not serve index {index!r} (it was trained with another "
+            f"CLIP model); for {index!r} choose from: {', '.join(available) or '(none)'}",
+        )
     if mode == "retrieve":
         raise HTTPProblem(400, "generator chooses who writes captions: send mode generate or hybrid with it")
     return asked
@@ -99,13 +121,18 @@ def answer(names: tuple[str, ...], target: tuple[Retriever, list[str]], params: 
         options = params.result_options()
         dedupe = params.dedupe
         if dedupe is None or dedupe is True:  # the CLI's default: on where every index can re-rank exactly
-            dedupe = DEFAULT_QUERY_DEDUPE if retriever.indexes and all(can_rerank(i) for i in retriever.indexes) \
+            dedupe = (
+                DEFAULT_QUERY_DEDUPE
+                if retriever.indexes and all(can_rerank(i) for i in retriever.indexes)
                 else (True if dedupe else None)
+            )
         options["dedupe"] = dedupe if isinstance(dedupe, float) else None
         steering = {"plus": params.plus, "minus": params.minus}
         images = params.images or ([params.image_bytes] if params.image_bytes is not None else [])
-        pil = [image_from_bytes(data, params.filename if len(images) == 1 and params.filename else f"images[{i}]")
-               for i, data in enumerate(images)]
+        pil = [
+            image_from_bytes(data, params.filename if len(images) == 1 and params.filename else f"images[{i}]")
+            for i, data in enumerate(images)
+        ]
         if params.like is not None:
             position = _like_position(params, labels)
             hits = retriever.more_like(params.like, k=params.k, index=position, **steering, **options)
@@ -181,8 +208,9 @@ class Combined:
         self._lock = threading.Lock()
         self._generators = generators or {}
 
-    def get(self, names: tuple[str, ...], retrievers: dict[str, Retriever],
-            generator: str | None = None) -> tuple[Retriever, list[str]]:
+    def get(
+        self, names: tuple[str, ...], retrievers: dict[str, Retriever], generator: str | None = None
+    ) -> tuple[Retriever, list[str]]:
         with self._lock:
             if (names, generator) not in self._cache:
                 self._cache[names, generator] = self._build(names, retrievers, generator)
@@ -192,8 +220,11 @@ class Combined:
         from retriever.search.api import Retriever
 
         parts = [retrievers[n] for n in names]
-        labels = [name if len(r.indexes) == 1 else f"{name}/{Path(ix.path).name}"
-                  for name, r in zip(names, parts) for ix in r.indexes]
+        labels = [
+            name if len(r.indexes) == 1 else f"{name}/{Path(ix.path).name}"
+            for name, r in zip(names, parts)
+            for ix in r.indexes
+        ]
         chosen = self._generators.get(names[0], {}).get(generator) if generator else None
         if len(parts) == 1:
             if chosen is None or chosen is parts[0].generator:
@@ -203,8 +234,10 @@ class Combined:
         indexes = [ix for r in parts for ix in r.indexes]
         dirs = [Path(ix.path).name for ix in indexes]
         if len(set(dirs)) < len(dirs):
-            raise HTTPProblem(400, f"{', '.join(names)} hold indexes in directories of one name; "
-                                   "they cannot be told apart in one search")
+            raise HTTPProblem(
+                400,
+                f"{', '.join(names)} hold indexes in directories of one name; they cannot be told apart in one search",
+            )
         try:
             return Retriever(indexes[0], parts[0].model, chosen or parts[0].generator, indexes[1:]), labels
         except IndexFormatError as e:
@@ -213,56 +246,122 @@ class Combined:
 
 _FIELDS_DOC = {
     "k": {"type": "integer", "default": 10, "minimum": 1, "maximum": 1000, "description": "hits to return"},
-    "mode": {"type": "string", "enum": ["retrieve", "generate", "hybrid"],
-             "description": "default: retrieve where the index exists; text, like and blends only retrieve"},
+    "mode": {
+        "type": "string",
+        "enum": ["retrieve", "generate", "hybrid"],
+        "description": "default: retrieve where the index exists; text, like and blends only retrieve",
+    },
     "index": {"type": "string", "description": "a loaded index's name (GET /v1/indexes); default: the first"},
-    "generator": {"type": "string", "description": "generate/hybrid: who writes the captions, a name from "
-                                                   "GET /v1/indexes (e.g. toyworld-coca, style:toyworld-style); "
-                                                   "default: the server's first --generator. A style decoder's "
-                                                   "hits have source `styled`"},
-    "dedupe": {"description": "collapse near-duplicate hits: true (cosine 0.95, as `retriever query`; the default "
-                             "where exact vectors exist), false, or a cosine in (0, 1]; also collapses texts "
-                             "equal up to case and spaces", "oneOf": [{"type": "boolean"}, {"type": "number"}]},
-    "diversity": {"type": "number", "minimum": 0, "maximum": 1, "default": 0,
-                  "description": "0 plain nearest, 1 most diverse (MMR); the first hit stays the nearest"},
-    "fetch_k": {"type": "integer", "minimum": 1, "maximum": 10000,
-                "description": "candidates re-ranked by diversity/dedupe (default max(10 k, 100))"},
-    "where": {"type": "string", "description": "filter on metadata columns, e.g. "
-                                               "`shape = \"star\" and len < 40`; fewer than k matches set `note`"},
+    "generator": {
+        "type": "string",
+        "description": "generate/hybrid: who writes the captions, a name from "
+        "GET /v1/indexes (e.g. toyworld-coca, style:toyworld-style); "
+        "default: the server's first --generator. A style decoder's "
+        "hits have source `styled`",
+    },
+    "dedupe": {
+        "description": "collapse near-duplicate hits: true (cosine 0.95, as `retriever query`; the default "
+        "where exact vectors exist), false, or a cosine in (0, 1]; also collapses texts "
+        "equal up to case and spaces",
+        "oneOf": [{"type": "boolean"}, {"type": "number"}],
+    },
+    "diversity": {
+        "type": "number",
+        "minimum": 0,
+        "maximum": 1,
+        "default": 0,
+        "description": "0 plain nearest, 1 most diverse (MMR); the first hit stays the nearest",
+    },
+    "fetch_k": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 10000,
+        "description": "candidates re-ranked by diversity/dedupe (default max(10 k, 100))",
+    },
+    "where": {
+        "type": "string",
+        "description": "filter on metadata columns, e.g. "
+        '`shape = "star" and len < 40`; fewer than k matches set `note`',
+    },
     "like": {"type": "integer", "minimum": 0, "description": "more like this: an indexed text's id (a hit's `id`)"},
     "like_index": {"type": "string", "description": "the index `like` belongs to (a hit's `index`)"},
 }
 _MODIFIERS_DOC = {
-    "type": "array", "maxItems": 16,
-    "items": {"oneOf": [{"type": "string", "description": "TEXT or TEXT:WEIGHT, e.g. autumn:0.5"},
-                        {"type": "object", "required": ["text"], "properties": {
-                            "text": {"type": "string"}, "weight": {"type": "number", "exclusiveMinimum": 0}}}]},
+    "type": "array",
+    "maxItems": 16,
+    "items": {
+        "oneOf": [
+            {"type": "string", "description": "TEXT or TEXT:WEIGHT, e.g. autumn:0.5"},
+            {
+                "type": "object",
+                "required": ["text"],
+                "properties": {"text": {"type": "string"}, "weight": {"type": "number", "exclusiveMinimum": 0}},
+            },
+        ]
+    },
 }
 QUERY_OPENAPI = {
     "description": "Send an image, several images (a blend), a text, an image and a text together, or `like`. "
-                   "The query vector is normalise(image(s) + text + sum(w plus) - sum(w minus)). The answer is "
-                   "`{index, indexes, mode, k, note, hits}`; each hit has the fields of `retriever query --json` "
-                   "and names its index.",
+    "The query vector is normalise(image(s) + text + sum(w plus) - sum(w minus)). The answer is "
+    "`{index, indexes, mode, k, note, hits}`; each hit has the fields of `retriever query --json` "
+    "and names its index.",
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "image": {"type": "array", "items": {"type": "string", "format": "binary"},
-                          "description": "one image, or repeat the field to blend several"},
-                "weights": {"type": "string", "description": "blend weights, one per image: 1,0.5"},
-                "text": {"type": "string", "description": "a text query, or a text combined with the image"},
-                "plus": {"type": "array", "items": {"type": "string"}, "description": "repeat: TEXT or TEXT:WEIGHT"},
-                "minus": {"type": "array", "items": {"type": "string"}, "description": "repeat: TEXT or TEXT:WEIGHT"},
-                "indexes": {"type": "array", "items": {"type": "string"},
-                            "description": "repeat to search several indexes of one model, merged by score"},
-                **_FIELDS_DOC}}},
-            "application/json": {"schema": {"type": "object", "additionalProperties": False, "properties": {
-                "image_base64": {"type": "string", "description": "base64 or a data URL (also accepted as `image`)"},
-                "images": {"type": "array", "maxItems": 8, "items": {"type": "string"},
-                           "description": "several base64 images, blended"},
-                "weights": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
-                "text": {"type": "string"}, "plus": _MODIFIERS_DOC, "minus": _MODIFIERS_DOC,
-                "indexes": {"type": "array", "items": {"type": "string"}}, **_FIELDS_DOC}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one image, or repeat the field to blend several",
+                        },
+                        "weights": {"type": "string", "description": "blend weights, one per image: 1,0.5"},
+                        "text": {"type": "string", "description": "a text query, or a text combined with the image"},
+                        "plus": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "repeat: TEXT or TEXT:WEIGHT",
+                        },
+                        "minus": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "repeat: TEXT or TEXT:WEIGHT",
+                        },
+                        "indexes": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "repeat to search several indexes of one model, merged by score",
+                        },
+                        **_FIELDS_DOC,
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "image_base64": {
+                            "type": "string",
+                            "description": "base64 or a data URL (also accepted as `image`)",
+                        },
+                        "images": {
+                            "type": "array",
+                            "maxItems": 8,
+                            "items": {"type": "string"},
+                            "description": "several base64 images, blended",
+                        },
+                        "weights": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
+                        "text": {"type": "string"},
+                        "plus": _MODIFIERS_DOC,
+                        "minus": _MODIFIERS_DOC,
+                        "indexes": {"type": "array", "items": {"type": "string"}},
+                        **_FIELDS_DOC,
+                    },
+                }
+            },
         },
     },
 }

@@ -83,7 +83,10 @@ def serve(app, sock: socket.socket, settings: ServerSettings) -> None:
         raise MissingExtraError("the server needs its extra: pip install 'retriever[serve]'") from None
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning",
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
         http=timed_protocol(settings.read_timeout_s),
         # Connections beyond this get uvicorn's 503 at once: pending queries plus room for
         # the page, /healthz and refusals, but not unbounded.

@@ -52,8 +52,10 @@ def exposure_warning(bind: str, api_key: str | None) -> str | None:
     """A warning for the operator when `bind` reaches beyond this machine with no API key."""
     if api_key or is_loopback(bind):
         return None
-    return (f"serving on {bind} without an API key: anyone on the network can query it. Set "
-            f"{KEY_ENV} or --api-key-file, and put a TLS proxy in front (README: Serving on a network)")
+    return (
+        f"serving on {bind} without an API key: anyone on the network can query it. Set "
+        f"{KEY_ENV} or --api-key-file, and put a TLS proxy in front (README: Serving on a network)"
+    )
 
 
 def read_api_key(file: Path | None, environ: dict[str, str] | None = None) -> str | None:
@@ -92,8 +94,9 @@ def host_problem(host: str | None, allowed: tuple[str, ...]) -> str | None:
     name = host_of(host)
     if name in allowed:
         return None
-    return (f"Host {name!r} is not served here; start the server with --allowed-host {name} "
-            "if that is this machine's name")
+    return (
+        f"Host {name!r} is not served here; start the server with --allowed-host {name} if that is this machine's name"
+    )
 
 
 def _netloc(url: str) -> str | None:
@@ -163,8 +166,9 @@ class SecurityMiddleware:
 
         status, message, extra = refusal
         message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-        await JSONResponse({"error": {"status": status, "message": message}}, status_code=status,
-                           headers=extra)(scope, receive, send)
+        await JSONResponse({"error": {"status": status, "message": message}}, status_code=status, headers=extra)(
+            scope, receive, send
+        )
 
     def refusal(self, method: str, path: str, headers: dict[str, str]) -> tuple[int, str, dict] | None:
         """(status, message, headers) for a refused request, or None to let it through."""
@@ -179,6 +183,9 @@ class SecurityMiddleware:
         sent = sent_key(headers)
         if key_matches(sent, self.api_key):
             return None
-        message = ("this server needs an API key: send Authorization: Bearer KEY or X-API-Key: KEY"
-                   if sent is None else "wrong API key")
+        message = (
+            "this server needs an API key: send Authorization: Bearer KEY or X-API-Key: KEY"
+            if sent is None
+            else "wrong API key"
+        )
         return 401, message, {"WWW-Authenticate": "Bearer"}

@@ -37,8 +37,10 @@ STATE_VERSION = 1
 _TENSORS_FILE = re.compile(r"state-[0-9a-f]{16}\.safetensors")
 _EPOCH_DIR = re.compile(r"epoch_[0-9]+")
 # Names a save that was cut short leaves behind: temporary files and folders, replaced epochs.
-LEFTOVER = re.compile(r"\.(open_clip_model\.safetensors|open_clip_config\.json|finetune\.json|state\.json)(\.[0-9]+)?\.tmp"
-                      r"|\.state\.[0-9]+\.safetensors\.tmp|\.epoch_[0-9]+\.(tmp|old)-[0-9]+")
+LEFTOVER = re.compile(
+    r"\.(open_clip_model\.safetensors|open_clip_config\.json|finetune\.json|state\.json)(\.[0-9]+)?\.tmp"
+    r"|\.state\.[0-9]+\.safetensors\.tmp|\.epoch_[0-9]+\.(tmp|old)-[0-9]+"
+)
 RESTART_HINT = "start again with --overwrite (or choose another --out)"
 
 
@@ -139,8 +141,11 @@ def save_state(directory: str | Path, tensors: dict[str, Any], meta: dict) -> Pa
         os.replace(tmp, directory / name)
     finally:
         tmp.unlink(missing_ok=True)
-    header = {"format": STATE_FORMAT, "version": STATE_VERSION,
-              "tensors": {"file": name, "sha256": sha, "bytes": (directory / name).stat().st_size}}
+    header = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "tensors": {"file": name, "sha256": sha, "bytes": (directory / name).stat().st_size},
+    }
     write_text_atomic(directory / STATE_NAME, json.dumps({**header, **meta}, indent=1, allow_nan=True) + "\n")
     remove_leftovers(directory, keep=name)
     return directory / STATE_NAME
@@ -164,8 +169,11 @@ def load_state(directory: str | Path) -> tuple[dict, dict[str, Any]]:
     directory = Path(directory)
     path = directory / STATE_NAME
     if not path.is_file() and (directory / LEGACY_STATE_NAME).is_file():
-        raise unreadable(directory / LEGACY_STATE_NAME, "a pickled state from an earlier version; it is not opened, "
-                                                          "because unpickling a file can run any code in it")
+        raise unreadable(
+            directory / LEGACY_STATE_NAME,
+            "a pickled state from an earlier version; it is not opened, "
+            "because unpickling a file can run any code in it",
+        )
     try:
         meta = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as e:
@@ -175,8 +183,12 @@ def load_state(directory: str | Path) -> tuple[dict, dict[str, Any]]:
     if meta.get("version") != STATE_VERSION:
         raise unreadable(path, f"format version {meta.get('version')!r}; this version reads {STATE_VERSION}")
     tensors = meta.get("tensors")
-    if not (isinstance(tensors, dict) and isinstance(tensors.get("file"), str) and _TENSORS_FILE.fullmatch(tensors["file"])
-            and isinstance(tensors.get("sha256"), str)):
+    if not (
+        isinstance(tensors, dict)
+        and isinstance(tensors.get("file"), str)
+        and _TENSORS_FILE.fullmatch(tensors["file"])
+        and isinstance(tensors.get("sha256"), str)
+    ):
         raise unreadable(path, "no valid 'tensors' entry")
     tensor_path = directory / tensors["file"]
     if not tensor_path.is_file():
@@ -202,13 +214,14 @@ def training_tensors(net: Any, optimizer: Any) -> tuple[dict[str, Any], list[dic
     return tensors, state["param_groups"]
 
 
-def restore_tensors(path: Path, meta: dict, tensors: dict[str, Any], net: Any, optimizer: Any, scaler: Any,
-                    model_name: str) -> None:
+def restore_tensors(
+    path: Path, meta: dict, tensors: dict[str, Any], net: Any, optimizer: Any, scaler: Any, model_name: str
+) -> None:
     """Load what `training_tensors` saved into live objects; a mismatch is an unreadable state."""
     import torch
 
     try:
-        net.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        net.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
         optimizer_state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
@@ -225,8 +238,17 @@ def restore_tensors(path: Path, meta: dict, tensors: dict[str, Any], net: Any, o
 
 # The JSON fields of a fine-tuning state, checked before any of them is used.
 _STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "model": dict, "options": dict, "data": dict, "epoch": int, "batch": int, "losses": list, "history": list,
-    "unreadable": list, "before": (dict, type(None)), "seconds": (int, float), "optimizer_groups": list,
+    "model": dict,
+    "options": dict,
+    "data": dict,
+    "epoch": int,
+    "batch": int,
+    "losses": list,
+    "history": list,
+    "unreadable": list,
+    "before": (dict, type(None)),
+    "seconds": (int, float),
+    "optimizer_groups": list,
     "scaler": (dict, type(None)),
 }
 
@@ -243,17 +265,24 @@ def check_state_fields(meta: dict, path: Path) -> None:
         (not isinstance(model.get("name"), str), "'model.name' is not a string"),
         (not isinstance(model.get("pretrained"), (str, type(None))), "'model.pretrained' is not a string or null"),
         (not isinstance(model.get("from_scratch"), bool), "'model.from_scratch' is not true or false"),
-        (not all(isinstance(data.get(k), t) for k, t in (("path", str), ("pairs", int), ("sha256", str))),
-         "'data' lacks path, pairs or sha256"),
+        (
+            not all(isinstance(data.get(k), t) for k, t in (("path", str), ("pairs", int), ("sha256", str))),
+            "'data' lacks path, pairs or sha256",
+        ),
         (meta["epoch"] < 0 or meta["batch"] < 0, "a negative epoch or batch"),
-        (not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in meta["losses"]), "a loss is not a number"),
-        (not all(isinstance(x, dict) for x in [*meta["history"], *meta["optimizer_groups"]]), "a history or optimizer entry is not an object"),
+        (
+            not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in meta["losses"]),
+            "a loss is not a number",
+        ),
+        (
+            not all(isinstance(x, dict) for x in [*meta["history"], *meta["optimizer_groups"]]),
+            "a history or optimizer entry is not an object",
+        ),
         (not all(isinstance(x, str) for x in meta["unreadable"]), "an unreadable-image entry is not a string"),
     ]
     for failed, why in problems:
         if failed:
             raise unreadable(path, why)
-
 
 
 def remove_leftovers(directory: str | Path, keep: str | None = None) -> list[str]:
@@ -295,8 +324,9 @@ def is_run_entry(relative: tuple[str, ...]) -> bool:
         return False
     name = relative[1]
     if len(relative) == 2:
-        return (name in (STATE_NAME, LEGACY_STATE_NAME) or bool(_TENSORS_FILE.fullmatch(name) or _EPOCH_DIR.fullmatch(name)
-                or LEFTOVER.fullmatch(name)))
+        return name in (STATE_NAME, LEGACY_STATE_NAME) or bool(
+            _TENSORS_FILE.fullmatch(name) or _EPOCH_DIR.fullmatch(name) or LEFTOVER.fullmatch(name)
+        )
     if len(relative) == 3 and (_EPOCH_DIR.fullmatch(name) or LEFTOVER.fullmatch(name)):
         return relative[2] in (CONFIG_NAME, WEIGHTS_NAME) or bool(LEFTOVER.fullmatch(relative[2]))
     return False

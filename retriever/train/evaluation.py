@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     from retriever.models.loading import LoadedModel
 
 
-def caption_recall_at_1(loaded: LoadedModel, images: Sequence[Image.Image], captions: Sequence[set[str]],
-                        batch_size: int = 64) -> float:
+def caption_recall_at_1(
+    loaded: LoadedModel, images: Sequence[Image.Image], captions: Sequence[set[str]], batch_size: int = 64
+) -> float:
     """Share of images whose most similar caption, among all distinct captions given, is one of theirs.
 
     Args:
@@ -37,8 +38,9 @@ def caption_recall_at_1(loaded: LoadedModel, images: Sequence[Image.Image], capt
     return sum(texts[int(i)] in caps for i, caps in zip(best, captions)) / len(images)
 
 
-def exact_match(loaded: LoadedModel, images: Sequence[Image.Image], captions: Sequence[set[str]],
-                batch_size: int = 16) -> float:
+def exact_match(
+    loaded: LoadedModel, images: Sequence[Image.Image], captions: Sequence[set[str]], batch_size: int = 16
+) -> float:
     """Share of images whose greedy CoCa caption is exactly one of theirs (useful when captions repeat)."""
     from retriever.generate.captioner import Captioner
     from retriever.generate.decoding import DecodeOptions

@@ -127,12 +127,17 @@ class FinetuneResult:
     before: EpochReport | None = None  # the validation scores of the starting model
 
     def as_dict(self) -> dict:
-        return {"out": str(self.out), "model": self.model,
-                "before": asdict(self.before) if self.before else None, "epochs": [asdict(e) for e in self.epochs],
-                "train": self.train.as_dict(), "val": self.val.as_dict() if self.val else None,
-                "unreadable_images": len(self.unreadable_images), "resumed_at": self.resumed_at,
-                "seconds": round(self.seconds, 1)}
-
+        return {
+            "out": str(self.out),
+            "model": self.model,
+            "before": asdict(self.before) if self.before else None,
+            "epochs": [asdict(e) for e in self.epochs],
+            "train": self.train.as_dict(),
+            "val": self.val.as_dict() if self.val else None,
+            "unreadable_images": len(self.unreadable_images),
+            "resumed_at": self.resumed_at,
+            "seconds": round(self.seconds, 1),
+        }
 
 
 def finetune(
@@ -208,11 +213,15 @@ def finetune(
         _check_resumable(saved[0], options, data_id)
         model, pretrained, from_scratch = (saved[0]["model"][k] for k in ("name", "pretrained", "from_scratch"))
         remove_leftovers(checkpoints, keep=saved[0]["tensors"]["file"])
-    local = model[len("local-dir:"):] if model.startswith("local-dir:") else None
-    guard_inputs(to_clear, {"--model": local, "--pretrained": pretrained if pretrained and Path(pretrained).exists() else None})
+    local = model[len("local-dir:") :] if model.startswith("local-dir:") else None
+    guard_inputs(
+        to_clear, {"--model": local, "--pretrained": pretrained if pretrained and Path(pretrained).exists() else None}
+    )
     clear(to_clear)
 
-    run = _Run(Path(train), out, options, pairs, val_pairs, data_id, device, precision, emit, show_progress_bar, started)
+    run = _Run(
+        Path(train), out, options, pairs, val_pairs, data_id, device, precision, emit, show_progress_bar, started
+    )
     run.build(model, pretrained, from_scratch)
     if saved is not None:
         run.restore(*saved, path=checkpoints / STATE_NAME)
@@ -224,11 +233,28 @@ def finetune(
 class _Run:
     """One fine-tuning run: the model, optimizer and schedule, and where in the data it stands."""
 
-    def __init__(self, train: Path, out: Path, options: TrainOptions, pairs: Pairs, val_pairs: Pairs | None,
-                 data_id: dict, device: str, precision: tuple[Callable[[], Any], Any],
-                 emit: Callable[[str, dict], None], show_progress_bar: bool | None, started: float):
+    def __init__(
+        self,
+        train: Path,
+        out: Path,
+        options: TrainOptions,
+        pairs: Pairs,
+        val_pairs: Pairs | None,
+        data_id: dict,
+        device: str,
+        precision: tuple[Callable[[], Any], Any],
+        emit: Callable[[str, dict], None],
+        show_progress_bar: bool | None,
+        started: float,
+    ):
         self.train_path, self.out, self.options, self.pairs, self.val_pairs = train, out, options, pairs, val_pairs
-        self.data_id, self.device, self.emit, self.show_bar, self.started = data_id, device, emit, show_progress_bar, started
+        self.data_id, self.device, self.emit, self.show_bar, self.started = (
+            data_id,
+            device,
+            emit,
+            show_progress_bar,
+            started,
+        )
         self.autocast, self.scaler = precision
         self.epoch, self.batch = 0, 0
         self.losses: list[float] = []
@@ -314,26 +340,43 @@ class _Run:
         self.epoch_start, self.tried = time.perf_counter(), 0
         self.failed: list[str] = []
         options = self.options
-        batches = epoch_batches(len(self.pairs), options.batch_size, options.seed, self.epoch)[self.batch:]
+        batches = epoch_batches(len(self.pairs), options.batch_size, options.seed, self.epoch)[self.batch :]
         # Its own generator: creating a loader must not draw from the global RNG that a resumed
         # run restores (with workers=0 an interrupted and resumed run is then bit-identical).
-        loader: Any = torch.utils.data.DataLoader(self.dataset,  # type: ignore[arg-type]
-                                             batch_sampler=batches, num_workers=self._workers(),
-                                             collate_fn=collate, pin_memory=self.device.startswith("cuda"),
-                                             worker_init_fn=ignore_sigint,
-                                             generator=torch.Generator().manual_seed(options.seed * 1000 + self.epoch))
+        loader: Any = torch.utils.data.DataLoader(
+            self.dataset,  # type: ignore[arg-type]
+            batch_sampler=batches,
+            num_workers=self._workers(),
+            collate_fn=collate,
+            pin_memory=self.device.startswith("cuda"),
+            worker_init_fn=ignore_sigint,
+            generator=torch.Generator().manual_seed(options.seed * 1000 + self.epoch),
+        )
         label = f"epoch {self.epoch + 1}/{options.epochs}"
         with progress(len(batches), label, "steps", self.show_bar) as advance:
             for pixels, tokens, errors in loader:
                 self.step(pixels, tokens, errors, len(batches[0]) if batches else 0)
                 advance(1, f"loss {self.losses[-1]:.4f}" if self.losses else "")
-                self.emit("step", {"epoch": self.epoch + 1, "step": self.batch, "steps": self.steps_per_epoch,
-                                   "loss": self.losses[-1] if self.losses else None,
-                                   "lr": self.optimizer.param_groups[0]["lr"]})
+                self.emit(
+                    "step",
+                    {
+                        "epoch": self.epoch + 1,
+                        "step": self.batch,
+                        "steps": self.steps_per_epoch,
+                        "loss": self.losses[-1] if self.losses else None,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                    },
+                )
                 if time.perf_counter() - self.last_save > options.checkpoint_minutes * 60:
                     self.save_state()
-                    self.emit("checkpoint", {"path": str(self.out / "checkpoints" / STATE_NAME),
-                                             "epoch": self.epoch + 1, "step": self.batch})
+                    self.emit(
+                        "checkpoint",
+                        {
+                            "path": str(self.out / "checkpoints" / STATE_NAME),
+                            "epoch": self.epoch + 1,
+                            "step": self.batch,
+                        },
+                    )
                 if interrupted():
                     return
 
@@ -347,8 +390,17 @@ class _Run:
         self.tried += len(errors) + (0 if pixels is None else len(pixels))
         if pixels is not None:
             self.schedule(self.epoch * self.steps_per_epoch + self.batch)
-            self.losses.append(train_step(self.net, self.loss_fn, self.optimizer, self.scaler, self.autocast,
-                                          pixels.to(self.device), tokens.to(self.device)))
+            self.losses.append(
+                train_step(
+                    self.net,
+                    self.loss_fn,
+                    self.optimizer,
+                    self.scaler,
+                    self.autocast,
+                    pixels.to(self.device),
+                    tokens.to(self.device),
+                )
+            )
         self.batch += 1
         self.dirty = True
         self.consistent = True
@@ -358,12 +410,20 @@ class _Run:
         number = self.epoch + 1
         if not self.losses:
             raise RetrieverError(_no_steps_message(self.train_path, number, self.tried, self.failed))
-        report = EpochReport(number, len(self.losses), sum(self.losses) / len(self.losses),
-                             round(time.perf_counter() - self.epoch_start, 1))
+        report = EpochReport(
+            number,
+            len(self.losses),
+            sum(self.losses) / len(self.losses),
+            round(time.perf_counter() - self.epoch_start, 1),
+        )
         if self.val_pairs is not None:
             evaluate(self.loaded, self.loss_fn, self.val_pairs, self.options, self.coca, self.autocast, report)
-        info = {"epochs": self.options.epochs, "data": self.data_id,
-                "model": {"name": self.model["name"], "pretrained": self.model["pretrained"]}, "report": asdict(report)}
+        info = {
+            "epochs": self.options.epochs,
+            "data": self.data_id,
+            "model": {"name": self.model["name"], "pretrained": self.model["pretrained"]},
+            "report": asdict(report),
+        }
         folder = save_epoch_dir(self.net, self.config, self.out / "checkpoints" / f"epoch_{number}", info)
         publish_model_dir(folder, self.out)
         self.consistent = False  # until the position below is whole again
@@ -376,21 +436,37 @@ class _Run:
     def save_state(self) -> None:
         """Save what `resume` needs: tensors as safetensors, the rest as JSON."""
         tensors, groups = training_tensors(self.net, self.optimizer)
-        meta = {"model": self.model, "options": asdict(self.options), "data": self.data_id,
-                "epoch": self.epoch, "batch": self.batch, "losses": self.losses,
-                "history": [asdict(e) for e in self.history], "unreadable": self.unreadable,
-                "before": asdict(self.before) if self.before else None, "seconds": self._seconds(),
-                "optimizer_groups": groups,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        meta = {
+            "model": self.model,
+            "options": asdict(self.options),
+            "data": self.data_id,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "losses": self.losses,
+            "history": [asdict(e) for e in self.history],
+            "unreadable": self.unreadable,
+            "before": asdict(self.before) if self.before else None,
+            "seconds": self._seconds(),
+            "optimizer_groups": groups,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
         save_state(self.out / "checkpoints", tensors, meta)
         self.dirty, self.last_save = False, time.perf_counter()
 
     def result(self) -> FinetuneResult:
         """The run so far, as reported to the caller and written to `finetune.json`."""
         name = str(self.loaded.spec) + (" from scratch" if self.model["from_scratch"] else "")
-        return FinetuneResult(self.out, name, self.history, self.pairs.report,
-                              self.val_pairs.report if self.val_pairs else None, self.unreadable, self.resumed_at,
-                              self._seconds(), self.before)
+        return FinetuneResult(
+            self.out,
+            name,
+            self.history,
+            self.pairs.report,
+            self.val_pairs.report if self.val_pairs else None,
+            self.unreadable,
+            self.resumed_at,
+            self._seconds(),
+            self.before,
+        )
 
     def _seconds(self) -> float:
         return self.elapsed + time.perf_counter() - self.started
@@ -405,25 +481,41 @@ class _Run:
 
 def _no_steps_message(train: Path, epoch: int, tried: int, failed: list[str]) -> str:
     first = f"; the first: {failed[0]}" if failed else ""
-    what = f"all {tried} images were unreadable" if tried == len(failed) else f"{len(failed)} of {tried} images were unreadable"
+    what = (
+        f"all {tried} images were unreadable"
+        if tried == len(failed)
+        else f"{len(failed)} of {tried} images were unreadable"
+    )
     return f"{train}: no trainable pairs in epoch {epoch}: {what}{first}; fix or remove those images"
 
 
 def _check_resumable(state: dict, options: TrainOptions, data_id: dict) -> None:
     saved = state["options"]
-    changed = [f"{name} {saved.get(name)} -> {getattr(options, name)}" for name in _FIXED_ON_RESUME
-               if saved.get(name) != getattr(options, name)]
+    changed = [
+        f"{name} {saved.get(name)} -> {getattr(options, name)}"
+        for name in _FIXED_ON_RESUME
+        if saved.get(name) != getattr(options, name)
+    ]
     if changed:
-        raise RetrieverError(f"settings changed since the run started ({'; '.join(changed)}); "
-                             "resume with the same settings (only --epochs may change)")
+        raise RetrieverError(
+            f"settings changed since the run started ({'; '.join(changed)}); "
+            "resume with the same settings (only --epochs may change)"
+        )
     then = state["data"]
-    differences = [f"{what} {then[key]} then, {data_id[key]} now" for key, what in (("path", "file"), ("pairs", "pairs"))
-                   if then[key] != data_id[key]]
+    differences = [
+        f"{what} {then[key]} then, {data_id[key]} now"
+        for key, what in (("path", "file"), ("pairs", "pairs"))
+        if then[key] != data_id[key]
+    ]
     if not differences and then["sha256"] != data_id["sha256"]:
-        differences.append(f"same file and row count, but its content changed (sha256 {then['sha256'][:12]} then, "
-                           f"{data_id['sha256'][:12]} now)")
+        differences.append(
+            f"same file and row count, but its content changed (sha256 {then['sha256'][:12]} then, "
+            f"{data_id['sha256'][:12]} now)"
+        )
     if differences:
-        raise RetrieverError(f"the training data changed since the run started ({'; '.join(differences)}); "
-                             "resume with the same pairs file, or start again with --overwrite")
+        raise RetrieverError(
+            f"the training data changed since the run started ({'; '.join(differences)}); "
+            "resume with the same pairs file, or start again with --overwrite"
+        )
     if options.epochs < state["epoch"]:
         raise ModelError(f"the run already finished {state['epoch']} epochs; --epochs must be at least that")

@@ -85,7 +85,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
     if n < batch_size:
         return [order]
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
 def train_step(net: Any, loss_fn: Any, optimizer: Any, scaler: Any, autocast: Any, pixels: Any, tokens: Any) -> float:
@@ -107,8 +107,9 @@ def train_step(net: Any, loss_fn: Any, optimizer: Any, scaler: Any, autocast: An
     return float(total.detach())
 
 
-def evaluate(loaded: Any, loss_fn: Any, pairs: Pairs, options: TrainOptions, coca: bool, autocast: Any,
-             report: EpochReport) -> None:
+def evaluate(
+    loaded: Any, loss_fn: Any, pairs: Pairs, options: TrainOptions, coca: bool, autocast: Any, report: EpochReport
+) -> None:
     """Fill in the report's validation loss, caption R@1 and (CoCa) greedy exact match.
 
     Exact match is only informative where captions come from a closed set that repeats (the toy
@@ -154,7 +155,9 @@ def make_loss(coca: bool, options: TrainOptions) -> Any:
     from open_clip.loss import ClipLoss, CoCaLoss
 
     if coca:
-        return CoCaLoss(caption_loss_weight=options.caption_loss_weight, clip_loss_weight=options.contrastive_loss_weight)
+        return CoCaLoss(
+            caption_loss_weight=options.caption_loss_weight, clip_loss_weight=options.contrastive_loss_weight
+        )
     return ClipLoss()
 
 
@@ -164,8 +167,9 @@ def train_transform(net: Any) -> Any:
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     cfg = get_model_preprocess_cfg(net)
-    return image_transform_v2(PreprocessCfg(**{k: v for k, v in cfg.items() if k in {f.name for f in fields(PreprocessCfg)}}),
-                              is_train=True)
+    return image_transform_v2(
+        PreprocessCfg(**{k: v for k, v in cfg.items() if k in {f.name for f in fields(PreprocessCfg)}}), is_train=True
+    )
 
 
 def make_optimizer(net: Any, options: TrainOptions) -> Any:
@@ -176,8 +180,10 @@ def make_optimizer(net: Any, options: TrainOptions) -> Any:
         return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
     named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
-              {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": options.wd}]
+    groups = [
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": options.wd},
+    ]
     return torch.optim.AdamW(groups, lr=options.lr, betas=(0.9, 0.98), eps=1e-6)
 
 

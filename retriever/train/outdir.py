@@ -39,26 +39,37 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> list[Path]:
     checkpoints = out / "checkpoints"
     if resume:
         if not has_state(checkpoints):
-            raise RetrieverError(f"{out}: nothing to resume (no checkpoints/state.json); drop --resume to start a run "
-                                 f"there, or check the folder")
+            raise RetrieverError(
+                f"{out}: nothing to resume (no checkpoints/state.json); drop --resume to start a run "
+                f"there, or check the folder"
+            )
         return []
     ours, foreign = _scan(out)
     if not ours and not foreign:
         return []
-    is_run = (out / "finetune.json").is_file() or has_state(checkpoints) or any(
-        len(p.relative_to(out).parts) == 2 and p.name.startswith("epoch_") for p in ours)
+    is_run = (
+        (out / "finetune.json").is_file()
+        or has_state(checkpoints)
+        or any(len(p.relative_to(out).parts) == 2 and p.name.startswith("epoch_") for p in ours)
+    )
     if foreign or not is_run:
         listed = foreign or [p for p in ours if len(p.relative_to(out).parts) == 1]
         shown = ", ".join(_describe(e, out) for e in listed[:_SHOWN])
         more = f" and {len(listed) - _SHOWN} more" if len(listed) > _SHOWN else ""
-        action = ("--overwrite only replaces fine-tuning runs, and nothing was deleted" if overwrite
-                  else "nothing was changed")
-        what = "a fine-tuning run, but also files it did not write" if is_run else "files that are not a fine-tuning run"
-        raise RetrieverError(f"{out} holds {what} ({shown}{more}); {action}: "
-                             f"choose another --out, or move them away")
+        action = (
+            "--overwrite only replaces fine-tuning runs, and nothing was deleted"
+            if overwrite
+            else "nothing was changed"
+        )
+        what = (
+            "a fine-tuning run, but also files it did not write" if is_run else "files that are not a fine-tuning run"
+        )
+        raise RetrieverError(f"{out} holds {what} ({shown}{more}); {action}: choose another --out, or move them away")
     if not overwrite:
-        raise RetrieverError(f"{out} is not empty: it holds a fine-tuning run (add --resume to continue it, "
-                             f"or --overwrite to start over)")
+        raise RetrieverError(
+            f"{out} is not empty: it holds a fine-tuning run (add --resume to continue it, "
+            f"or --overwrite to start over)"
+        )
     return [p for p in ours if len(p.relative_to(out).parts) == 1]
 
 
@@ -72,8 +83,10 @@ def guard_inputs(to_clear: list[Path], inputs: dict[str, str | Path | None]) -> 
             continue
         resolved = Path(path).expanduser().resolve()
         if any(resolved == c or c in resolved.parents for c in cleared):
-            raise RetrieverError(f"{what} {path} is inside the run that --overwrite would delete; "
-                                 f"copy it elsewhere first, or write the new run to another --out")
+            raise RetrieverError(
+                f"{what} {path} is inside the run that --overwrite would delete; "
+                f"copy it elsewhere first, or write the new run to another --out"
+            )
 
 
 def clear(entries: list[Path]) -> None:

@@ -52,8 +52,20 @@ from retriever.train.style_data import (
 
 STATE_DIR = "state"
 # Must stay the same when a run is resumed (epochs may grow).
-_FIXED_ON_RESUME = ("width", "layers", "heads", "prefix_length", "batch_size", "lr", "warmup", "wd", "projection",
-                    "noise_variance", "seed", "max_tokens")
+_FIXED_ON_RESUME = (
+    "width",
+    "layers",
+    "heads",
+    "prefix_length",
+    "batch_size",
+    "lr",
+    "warmup",
+    "wd",
+    "projection",
+    "noise_variance",
+    "seed",
+    "max_tokens",
+)
 
 
 @dataclass
@@ -125,16 +137,35 @@ class StyleResult:
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"out": str(self.out), "model": self.model, "epochs": [asdict(e) for e in self.epochs],
-                "train": self.train, "val": self.val, "vocab_size": self.vocab_size, "parameters": self.parameters,
-                "memory_rows": self.memory_rows, "resumed_at": self.resumed_at, "seconds": round(self.seconds, 1)}
+        return {
+            "out": str(self.out),
+            "model": self.model,
+            "epochs": [asdict(e) for e in self.epochs],
+            "train": self.train,
+            "val": self.val,
+            "vocab_size": self.vocab_size,
+            "parameters": self.parameters,
+            "memory_rows": self.memory_rows,
+            "resumed_at": self.resumed_at,
+            "seconds": round(self.seconds, 1),
+        }
 
 
-def train_style(corpus: str | Path, out: str | Path, model: str, pretrained: str | None = None, *,
-                val: str | Path | None = None, options: StyleOptions | None = None, resume: bool = False,
-                overwrite: bool = False, device: str | None = None, column: str | None = None,
-                show_progress_bar: bool | None = None,
-                on_event: Callable[[str, dict], None] | None = None) -> StyleResult:
+def train_style(
+    corpus: str | Path,
+    out: str | Path,
+    model: str,
+    pretrained: str | None = None,
+    *,
+    val: str | Path | None = None,
+    options: StyleOptions | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    column: str | None = None,
+    show_progress_bar: bool | None = None,
+    on_event: Callable[[str, dict], None] | None = None,
+) -> StyleResult:
     """Train a style decoder on the lines of `corpus`; the result is a folder for `style:OUT`.
 
     Args:
@@ -177,8 +208,9 @@ def train_style(corpus: str | Path, out: str | Path, model: str, pretrained: str
     max_tokens = options.max_tokens or clip.context_length
     ids = clip_ids(clip, lines, max_tokens)
     vocab = meta["vocab"] if meta is not None else vocabulary(clip, ids)
-    config = StyleConfig(clip.embed_dim, vocab, options.width, options.layers, options.heads, options.prefix_length,
-                         max_tokens)
+    config = StyleConfig(
+        clip.embed_dim, vocab, options.width, options.layers, options.heads, options.prefix_length, max_tokens
+    )
     tokens = compact(ids, vocab)
     embeddings = embed(clip, lines, show_progress_bar)
     val_data = validation_data(clip, val_lines, vocab, max_tokens, options, show_progress_bar) if val_lines else None
@@ -194,7 +226,9 @@ def train_style(corpus: str | Path, out: str | Path, model: str, pretrained: str
     history: list[StyleEpoch] = []
     epoch, batch_in_epoch, losses, elapsed, trained_tokens, train_seconds = 0, 0, [], 0.0, 0, 0.0
     if meta is not None and saved_tensors is not None:
-        restore_tensors(out / STATE_DIR, meta, saved_tensors, decoder, optimizer, None, f"a style decoder of {clip.spec}")
+        restore_tensors(
+            out / STATE_DIR, meta, saved_tensors, decoder, optimizer, None, f"a style decoder of {clip.spec}"
+        )
         epoch, batch_in_epoch, losses = meta["epoch"], meta["batch"], list(meta["losses"])
         history = [StyleEpoch(**e) for e in meta["history"]]
         elapsed, trained_tokens, train_seconds = meta["seconds"], meta["trained_tokens"], meta["train_seconds"]
@@ -207,16 +241,35 @@ def train_style(corpus: str | Path, out: str | Path, model: str, pretrained: str
         emit("epoch", asdict(before))
 
     def snapshot() -> dict:
-        return {"clip": clip_info, "options": asdict(options), "data": data_id, "vocab": vocab, "epoch": epoch,
-                "batch": batch_in_epoch, "losses": losses, "history": [asdict(e) for e in history],
-                "memory_rows": memory_rows, "trained_tokens": trained_tokens, "train_seconds": train_seconds,
-                "seconds": elapsed + time.perf_counter() - started}
+        return {
+            "clip": clip_info,
+            "options": asdict(options),
+            "data": data_id,
+            "vocab": vocab,
+            "epoch": epoch,
+            "batch": batch_in_epoch,
+            "losses": losses,
+            "history": [asdict(e) for e in history],
+            "memory_rows": memory_rows,
+            "trained_tokens": trained_tokens,
+            "train_seconds": train_seconds,
+            "seconds": elapsed + time.perf_counter() - started,
+        }
 
     def result() -> StyleResult:
-        return StyleResult(out, str(clip.spec), history, report.as_dict(), val_report.as_dict() if val_report else None,
-                           len(vocab), sum(p.numel() for p in decoder.parameters()), memory_rows, resumed_at,
-                           elapsed + time.perf_counter() - started,
-                           {"tokens_per_second": trained_tokens / train_seconds if train_seconds else None})
+        return StyleResult(
+            out,
+            str(clip.spec),
+            history,
+            report.as_dict(),
+            val_report.as_dict() if val_report else None,
+            len(vocab),
+            sum(p.numel() for p in decoder.parameters()),
+            memory_rows,
+            resumed_at,
+            elapsed + time.perf_counter() - started,
+            {"tokens_per_second": trained_tokens / train_seconds if train_seconds else None},
+        )
 
     def save() -> None:
         tensors, groups = training_tensors(decoder, optimizer)
@@ -228,7 +281,9 @@ def train_style(corpus: str | Path, out: str | Path, model: str, pretrained: str
         while epoch < options.epochs:
             decoder.train()
             order = np.random.default_rng([options.seed, epoch]).permutation(len(lines))
-            batches = [order[i:i + options.batch_size] for i in range(0, len(lines), options.batch_size)][batch_in_epoch:]
+            batches = [order[i : i + options.batch_size] for i in range(0, len(lines), options.batch_size)][
+                batch_in_epoch:
+            ]
             epoch_start, epoch_tokens = time.perf_counter(), 0
             with progress(len(batches), f"epoch {epoch + 1}/{options.epochs}", "steps", show_progress_bar) as advance:
                 for batch in batches:
@@ -240,8 +295,16 @@ def train_style(corpus: str | Path, out: str | Path, model: str, pretrained: str
                     losses.append(loss)
                     batch_in_epoch += 1
                     advance(1, f"loss {loss:.4f}")
-                    emit("step", {"epoch": epoch + 1, "step": batch_in_epoch, "steps": steps_per_epoch, "loss": loss,
-                                  "lr": optimizer.param_groups[0]["lr"]})
+                    emit(
+                        "step",
+                        {
+                            "epoch": epoch + 1,
+                            "step": batch_in_epoch,
+                            "steps": steps_per_epoch,
+                            "loss": loss,
+                            "lr": optimizer.param_groups[0]["lr"],
+                        },
+                    )
                     if interrupted():
                         save()
                         raise KeyboardInterrupt
@@ -250,8 +313,13 @@ def train_style(corpus: str | Path, out: str | Path, model: str, pretrained: str
                         last_save = time.perf_counter()
                         emit("checkpoint", {"path": str(out / STATE_DIR), "epoch": epoch + 1, "step": batch_in_epoch})
             seconds = time.perf_counter() - epoch_start
-            report_epoch = StyleEpoch(epoch + 1, len(losses), sum(losses) / max(1, len(losses)), round(seconds, 1),
-                                      round(epoch_tokens / seconds, 1) if seconds else None)
+            report_epoch = StyleEpoch(
+                epoch + 1,
+                len(losses),
+                sum(losses) / max(1, len(losses)),
+                round(seconds, 1),
+                round(epoch_tokens / seconds, 1) if seconds else None,
+            )
             if val_data is not None:
                 evaluate(decoder, val_data, options, report_epoch)
             history, epoch, batch_in_epoch, losses = [*history, report_epoch], epoch + 1, 0, []
@@ -272,8 +340,12 @@ def _optimizer(decoder: Any, options: StyleOptions) -> Any:
     named = list(decoder.named_parameters())
     no_decay = [p for n, p in named if p.ndim < 2 or "embedding" in n]
     decay = [p for n, p in named if not (p.ndim < 2 or "embedding" in n)]
-    return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": options.wd}],
-                             lr=options.lr, betas=(0.9, 0.98), eps=1e-6)
+    return torch.optim.AdamW(
+        [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": options.wd}],
+        lr=options.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
 
 
 def _set_lr(optimizer: Any, peak: float, warmup: int, total: int, step: int) -> None:
@@ -286,12 +358,14 @@ def _set_lr(optimizer: Any, peak: float, warmup: int, total: int, step: int) -> 
         group["lr"] = lr
 
 
-def _train_step(decoder: Any, optimizer: Any, embeddings: Any, tokens: Any, noise_std: float, device: str) -> tuple[float, int]:
+def _train_step(
+    decoder: Any, optimizer: Any, embeddings: Any, tokens: Any, noise_std: float, device: str
+) -> tuple[float, int]:
     """One step of teacher-forced reconstruction; returns (loss, target tokens)."""
     import torch
     from torch.nn import functional as F
 
-    tokens = tokens[:, :int((tokens != PAD).sum(dim=1).max())].to(device)
+    tokens = tokens[:, : int((tokens != PAD).sum(dim=1).max())].to(device)
     embeddings = embeddings.to(device)
     if noise_std:
         embeddings = embeddings + torch.randn_like(embeddings) * noise_std  # CapDec: no renormalising
@@ -352,13 +426,20 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> tuple[dict | None,
 
 def _check_resumable(meta: dict, options: StyleOptions, data_id: dict) -> None:
     saved = meta["options"]
-    changed = [f"{name} {saved[name]} -> {getattr(options, name)}" for name in _FIXED_ON_RESUME
-               if saved.get(name) != getattr(options, name)]
+    changed = [
+        f"{name} {saved[name]} -> {getattr(options, name)}"
+        for name in _FIXED_ON_RESUME
+        if saved.get(name) != getattr(options, name)
+    ]
     if changed:
-        raise RetrieverError(f"settings changed since the run started ({'; '.join(changed)}); "
-                             "resume with the same settings (only --epochs may change)")
+        raise RetrieverError(
+            f"settings changed since the run started ({'; '.join(changed)}); "
+            "resume with the same settings (only --epochs may change)"
+        )
     if meta["data"] != data_id:
-        raise RetrieverError(f"the corpus changed since the run started ({meta['data']['path']}, "
-                             f"{meta['data']['lines']} lines then; {data_id['path']}, {data_id['lines']} lines now)")
+        raise RetrieverError(
+            f"the corpus changed since the run started ({meta['data']['path']}, "
+            f"{meta['data']['lines']} lines then; {data_id['path']}, {data_id['lines']} lines now)"
+        )
     if options.epochs < meta["epoch"]:
         raise RetrieverError(f"the run already finished {meta['epoch']} epochs; --epochs must be at least that")

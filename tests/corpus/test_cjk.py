@@ -23,7 +23,10 @@ def test_prompt_pieces_join_without_spaces_in_chinese():
 
 def test_corpus_drops_width_and_spacing_duplicates(tmp_path):
     path = tmp_path / "zh.txt"
-    path.write_text("红色的五角星，在左边\n红色的五角星,在左边\n红色的 五角星，在左边\nＣＬＩＰ模型\nCLIP模型\n蓝色圆形\n", encoding="utf-8")
+    path.write_text(
+        "红色的五角星，在左边\n红色的五角星,在左边\n红色的 五角星，在左边\nＣＬＩＰ模型\nCLIP模型\n蓝色圆形\n",
+        encoding="utf-8",
+    )
     corpus = read_corpus(path)
     assert corpus.texts == ["红色的五角星，在左边", "ＣＬＩＰ模型", "蓝色圆形"]  # the first form is kept as written
     assert corpus.report.duplicates == 3
@@ -32,7 +35,10 @@ def test_corpus_drops_width_and_spacing_duplicates(tmp_path):
 def test_coco_cn_style_file_converts_with_chinese_captions(tmp_path):
     """COCO-CN's layout is COCO's, with Chinese (sometimes word-segmented) captions."""
     data = {
-        "images": [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg"}, {"id": 73, "file_name": "COCO_val2014_000000000073.jpg"}],
+        "images": [
+            {"id": 42, "file_name": "COCO_val2014_000000000042.jpg"},
+            {"id": 73, "file_name": "COCO_val2014_000000000073.jpg"},
+        ],
         "annotations": [
             {"image_id": 42, "id": 1, "caption": "一个 男人 在 骑 自行车 。"},
             {"image_id": 42, "id": 2, "caption": "一个男人在骑自行车。"},

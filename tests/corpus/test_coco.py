@@ -41,7 +41,7 @@ def coco(tmp_path):
         "annotations": [
             {"image_id": 1, "id": 10, "caption": "A red square\ton a\nwhite table. "},
             {"image_id": 1, "id": 11, "caption": "  a red   square  "},
-            {"image_id": 2, "id": 12, "caption": "Two \"quoted\" cats.\r\n"},
+            {"image_id": 2, "id": 12, "caption": 'Two "quoted" cats.\r\n'},
             {"image_id": 2, "id": 13, "caption": " \t\n "},
             {"image_id": 3, "id": 14, "caption": "a red square"},
             {"image_id": 4, "id": 15, "caption": "an image nobody downloaded"},
@@ -68,7 +68,11 @@ def test_annotations_to_tsv_one_row_per_caption(run, coco, tmp_path):
     assert header == "filepath\ttitle"
     assert all(len(row) == 2 for row in rows)
     assert [caption for _, caption in rows] == [
-        "A red square on a white table.", "a red square", 'Two "quoted" cats.', "a red square"]
+        "A red square on a white table.",
+        "a red square",
+        'Two "quoted" cats.',
+        "a red square",
+    ]
     for filepath, _ in rows:  # relative to the TSV's folder, found under DIR/train2014/
         assert not filepath.startswith("/")
         assert (out.parent / filepath).resolve() == (images / "train2014" / filepath.rsplit("/", 1)[1]).resolve()
@@ -97,7 +101,12 @@ def test_json_summary_and_keep_missing(run, coco, tmp_path):
     result = run("--annotations", annotations, "--images", images, "--out", out, "--keep-missing", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert (summary["images"], summary["captions"], summary["missing_images"], summary["skipped_captions"]) == (4, 6, 1, 0)
+    assert (summary["images"], summary["captions"], summary["missing_images"], summary["skipped_captions"]) == (
+        4,
+        6,
+        1,
+        0,
+    )
     assert (summary["empty_captions"], summary["unmatched_captions"]) == (1, 1)
     assert summary["splits"]["all"]["path"] == str(out)
     _, rows = _rows(out)
@@ -119,8 +128,14 @@ def karpathy(tmp_path):
     """A Karpathy file: 2 train, 1 restval, 1 val, 2 test images; one test image is missing and
     one val image sits directly in DIR instead of DIR/val2014/."""
     images = tmp_path / "coco"
-    spec = [(1, "train2014", "train"), (2, "train2014", "train"), (3, "val2014", "restval"),
-            (4, "val2014", "val"), (5, "val2014", "test"), (6, "val2014", "test")]
+    spec = [
+        (1, "train2014", "train"),
+        (2, "train2014", "train"),
+        (3, "val2014", "restval"),
+        (4, "val2014", "val"),
+        (5, "val2014", "test"),
+        (6, "val2014", "test"),
+    ]
     entries = []
     for cocoid, folder, split in spec:
         if cocoid == 4:
@@ -128,8 +143,16 @@ def karpathy(tmp_path):
         elif cocoid != 6:
             _png(images / folder / _name(folder, cocoid))
         sentences = [{"raw": f"karpathy caption {j} of image {cocoid}", "tokens": ["x"]} for j in range(cocoid)]
-        entries.append({"filepath": folder, "filename": _name(folder, cocoid), "cocoid": cocoid,
-                        "imgid": cocoid - 1, "split": split, "sentences": sentences})
+        entries.append(
+            {
+                "filepath": folder,
+                "filename": _name(folder, cocoid),
+                "cocoid": cocoid,
+                "imgid": cocoid - 1,
+                "split": split,
+                "sentences": sentences,
+            }
+        )
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps({"images": entries, "dataset": "coco"}))
     return path, images
@@ -156,18 +179,28 @@ def test_karpathy_splits_restval_goes_to_train(run, karpathy, tmp_path):
 def test_karpathy_with_annotations_prefers_the_annotations(run, karpathy, tmp_path):
     path, images = karpathy
     annotations = tmp_path / "captions_val2014.json"
-    annotations.write_text(json.dumps({
-        "images": [{"id": i, "file_name": _name("val2014", i)} for i in (3, 4, 5, 6)],
-        "annotations": [{"image_id": i, "id": 100 + i, "caption": f"official caption of {i}"} for i in (3, 4, 5, 6)],
-    }))
+    annotations.write_text(
+        json.dumps(
+            {
+                "images": [{"id": i, "file_name": _name("val2014", i)} for i in (3, 4, 5, 6)],
+                "annotations": [
+                    {"image_id": i, "id": 100 + i, "caption": f"official caption of {i}"} for i in (3, 4, 5, 6)
+                ],
+            }
+        )
+    )
     out = tmp_path / "splits"
     result = run("--karpathy", path, "--annotations", annotations, "--images", images, "--out", out, "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["karpathy_captions_used"] == 1 + 2  # images 1 and 2 are not in the annotations
     _, train = _rows(out / "train.tsv")
-    assert [c for _, c in train] == ["karpathy caption 0 of image 1", "karpathy caption 0 of image 2",
-                                     "karpathy caption 1 of image 2", "official caption of 3"]
+    assert [c for _, c in train] == [
+        "karpathy caption 0 of image 1",
+        "karpathy caption 0 of image 2",
+        "karpathy caption 1 of image 2",
+        "official caption of 3",
+    ]
     _, test = _rows(out / "test.tsv")
     assert [c for _, c in test] == ["official caption of 5"]
 
@@ -182,7 +215,9 @@ def test_captions_only_feeds_build_index(run, karpathy, tmp_path, toy_model):
     assert "not checked" in result.stderr
     lines = (out / "train.tsv").read_text().splitlines()
     assert lines[0] == "caption" and len(lines) == 1 + 6
-    assert read_corpus(out / "test.tsv").texts == [f"karpathy caption {j} of image {i}" for i in (5, 6) for j in range(i)]
+    assert read_corpus(out / "test.tsv").texts == [
+        f"karpathy caption {j} of image {i}" for i in (5, 6) for j in range(i)
+    ]
     result = build_index(out / "train.tsv", tmp_path / "index", toy_model, show_progress_bar=False)
     assert result.as_dict()["kept"] == 6
 
@@ -190,14 +225,19 @@ def test_captions_only_feeds_build_index(run, karpathy, tmp_path, toy_model):
 def test_captions_only_txt_is_deduplicated(run, coco, tmp_path):
     annotations, _ = coco
     data = json.loads(annotations.read_text())
-    data["annotations"].append({"image_id": 2, "id": 18, "caption": "Two \"quoted\"  cats."})  # a repeat within one image
+    data["annotations"].append({"image_id": 2, "id": 18, "caption": 'Two "quoted"  cats.'})  # a repeat within one image
     annotations.write_text(json.dumps(data))
     out = tmp_path / "captions.txt"
     result = run("--annotations", annotations, "--out", out, "--captions-only", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["duplicates"] == 2
-    assert out.read_text().splitlines() == ["A red square on a white table.", "a red square", 'Two "quoted" cats.',
-                                            "an image nobody downloaded", "its second caption"]
+    assert out.read_text().splitlines() == [
+        "A red square on a white table.",
+        "a red square",
+        'Two "quoted" cats.',
+        "an image nobody downloaded",
+        "its second caption",
+    ]
     assert read_corpus(out).texts == out.read_text().splitlines()
 
 
@@ -212,17 +252,29 @@ def test_malformed_json_names_file_and_line(run, tmp_path):
     assert not (tmp_path / "o.tsv").exists()
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "caption": "x"}, {"image_id": 1}]},
-     "annotations[1] has no 'caption'"),
-    ({"images": [{"id": 1}], "annotations": []}, "images[0] has no 'file_name'"),
-    ({"annotations": []}, "the top level has no 'images'"),
-    ([{"id": 1}], "the top level should be a JSON object, found an array"),
-    ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "caption": 7}]},
-     "annotations[0]['caption'] should be a string, found a number"),
-    ({"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], "annotations": []},
-     "images[1] repeats image id 1"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {
+                "images": [{"id": 1, "file_name": "a.jpg"}],
+                "annotations": [{"image_id": 1, "caption": "x"}, {"image_id": 1}],
+            },
+            "annotations[1] has no 'caption'",
+        ),
+        ({"images": [{"id": 1}], "annotations": []}, "images[0] has no 'file_name'"),
+        ({"annotations": []}, "the top level has no 'images'"),
+        ([{"id": 1}], "the top level should be a JSON object, found an array"),
+        (
+            {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "caption": 7}]},
+            "annotations[0]['caption'] should be a string, found a number",
+        ),
+        (
+            {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], "annotations": []},
+            "images[1] repeats image id 1",
+        ),
+    ],
+)
 def test_bad_annotations_name_the_entry(run, tmp_path, data, message):
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(data))

@@ -29,7 +29,7 @@ def test_txt_invalid_utf8_is_reported_with_line(tmp_path):
 @pytest.mark.parametrize("column", ["caption", "title", "text", "prompt", "Caption"])
 def test_tsv_autodetects_text_column_and_keeps_metadata(tmp_path, column):
     path = tmp_path / "c.tsv"
-    path.write_text(f"filepath\t{column}\n/a.jpg\ta \"quoted\" cat\n/b.jpg\ta dog\n")
+    path.write_text(f'filepath\t{column}\n/a.jpg\ta "quoted" cat\n/b.jpg\ta dog\n')
     corpus = read_corpus(path)
     assert corpus.column == column
     assert corpus.texts == ['a "quoted" cat', "a dog"]
@@ -42,7 +42,9 @@ def test_tsv_bad_field_count_reported_with_line(tmp_path):
     corpus = read_corpus(path)
     assert corpus.texts == ["one", "four"]
     assert [(b.line, b.reason) for b in corpus.report.bad_rows] == [
-        (3, "expected 2 fields, found 1"), (4, "expected 2 fields, found 3")]
+        (3, "expected 2 fields, found 1"),
+        (4, "expected 2 fields, found 3"),
+    ]
 
 
 def test_tsv_invalid_utf8_row(tmp_path):
@@ -81,13 +83,18 @@ def test_parquet(tmp_path):
 
 def test_jsonl_bad_lines(tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text("\n".join([
-        json.dumps({"caption": "first", "url": "u1"}),
-        "{not json",
-        json.dumps(["a", "list"]),
-        json.dumps({"other": "no caption key"}),
-        json.dumps({"caption": "second", "url": "u2"}),
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps({"caption": "first", "url": "u1"}),
+                "{not json",
+                json.dumps(["a", "list"]),
+                json.dumps({"other": "no caption key"}),
+                json.dumps({"caption": "second", "url": "u2"}),
+            ]
+        )
+        + "\n"
+    )
     corpus = read_corpus(path)
     assert corpus.texts == ["first", "second"]
     assert [b.line for b in corpus.report.bad_rows] == [2, 3, 4]

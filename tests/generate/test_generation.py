@@ -51,7 +51,9 @@ def test_greedy_equals_open_clip_top_k_1_token_for_token(coca, heldout):
     pytest.importorskip("transformers")
     images = [im for im, _ in heldout[:12]]
     pixels = torch.stack([coca.preprocess(im) for im in images])
-    ours = [_until_eos(t[0]) for t in Captioner(coca).generate_tokens(images, DecodeOptions(method="greedy", max_len=10))]
+    ours = [
+        _until_eos(t[0]) for t in Captioner(coca).generate_tokens(images, DecodeOptions(method="greedy", max_len=10))
+    ]
     assert ours == open_clip_tokens(coca.model, pixels, generation_type="top_k", top_k=1)
 
 
@@ -60,8 +62,13 @@ def test_beam_search_equals_open_clip(coca, heldout, beams):
     pytest.importorskip("transformers")
     images = [im for im, _ in heldout[:6]]
     pixels = torch.stack([coca.preprocess(im) for im in images])
-    ours = [_until_eos(t[0]) for t in Captioner(coca).generate_tokens(images, DecodeOptions(method="beam", beams=beams, max_len=10))]
-    assert ours == open_clip_tokens(coca.model, pixels, generation_type="beam_search", num_beams=beams, num_beam_groups=1)
+    ours = [
+        _until_eos(t[0])
+        for t in Captioner(coca).generate_tokens(images, DecodeOptions(method="beam", beams=beams, max_len=10))
+    ]
+    assert ours == open_clip_tokens(
+        coca.model, pixels, generation_type="beam_search", num_beams=beams, num_beam_groups=1
+    )
 
 
 def test_generation_works_without_transformers():

@@ -29,8 +29,9 @@ def exact(captions, pairs):
 
 def random_decoder(seed=0, prefix_length=2):
     torch.manual_seed(seed)
-    config = StyleConfig(embed_dim=16, vocab=list(range(20)), width=32, layers=2, heads=4, prefix_length=prefix_length,
-                         max_tokens=12)
+    config = StyleConfig(
+        embed_dim=16, vocab=list(range(20)), width=32, layers=2, heads=4, prefix_length=prefix_length, max_tokens=12
+    )
     return build_decoder(config).eval()
 
 
@@ -121,8 +122,10 @@ def test_bad_references_are_clear_errors(tmp_path):
         parse_style_ref("style:x?beams=3")
     with pytest.raises(RetrieverError, match="fetch_k must be a int"):
         parse_style_ref("style:x?fetch_k=many")
-    assert parse_style_ref("style:a/b?projection=noise&memory=index&fetch_k=8") == \
-        ("a/b", {"projection": "noise", "memory": "index", "fetch_k": 8})
+    assert parse_style_ref("style:a/b?projection=noise&memory=index&fetch_k=8") == (
+        "a/b",
+        {"projection": "noise", "memory": "index", "fetch_k": 8},
+    )
 
 
 def test_load_generator_gives_a_coca_captioner_for_coca_refs():
@@ -183,8 +186,9 @@ def test_http_server_answers_with_a_style_generator(toy_index):
     shared = Retriever.open(None, device="cpu", generator="style:toyworld-style").generator
     retrievers = {"toy": Retriever.open(toy_index, device="cpu", generator=shared)}
     with TestClient(create_app(retrievers), base_url="http://127.0.0.1") as client:
-        response = client.post("/v1/query", files={"image": ("x.png", buffer.getvalue(), "image/png")},
-                               data={"mode": "generate", "k": "1"})
+        response = client.post(
+            "/v1/query", files={"image": ("x.png", buffer.getvalue(), "image/png")}, data={"mode": "generate", "k": "1"}
+        )
         assert response.status_code == 200, response.text
         assert response.json()["hits"][0] | {"text": scene.caption, "source": "styled"} == response.json()["hits"][0]
         described = client.get("/v1/indexes").json()

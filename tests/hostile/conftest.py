@@ -14,7 +14,13 @@ def run_cli():
 
     def invoke(*args, timeout: float = 120, **kwargs):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **kwargs.pop("env", {})}
-        return subprocess.run([sys.executable, "-m", "retriever", *map(str, args)], capture_output=True, text=True,
-                              timeout=timeout, env=env, **kwargs)
+        return subprocess.run(
+            [sys.executable, "-m", "retriever", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            **kwargs,
+        )
 
     return invoke

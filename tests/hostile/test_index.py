@@ -64,6 +64,7 @@ def _sha(path: Path) -> str:
 
 # --- 1. --out replaces only an index ---------------------------------------------------------------
 
+
 def _victim(d: Path) -> tuple[Path, str]:
     (d / "victim").mkdir()
     (d / "victim" / "thesis.pdf").write_bytes(b"%PDF years of work")
@@ -122,8 +123,19 @@ def _model(toy_model):
     _MODEL[:] = [toy_model]
 
 
-@pytest.mark.parametrize("make", [_victim, _web_manifest, _index_plus_thesis, _a_file, _under_a_file,
-                                  _symlink_to_victim, _foreign_work_dir, _lock_is_a_folder])
+@pytest.mark.parametrize(
+    "make",
+    [
+        _victim,
+        _web_manifest,
+        _index_plus_thesis,
+        _a_file,
+        _under_a_file,
+        _symlink_to_victim,
+        _foreign_work_dir,
+        _lock_is_a_folder,
+    ],
+)
 def test_overwrite_replaces_only_an_index(make, tmp_path, run, corpora):
     place = tmp_path / "place"
     place.mkdir()
@@ -145,6 +157,7 @@ def test_an_empty_folder_is_used_and_an_index_needs_overwrite(tmp_path, run, cor
 
 
 # --- 2. one build at a time -------------------------------------------------------------------------
+
 
 def test_a_held_lock_refuses_a_second_build_and_leaves_both_alone(tmp_path, run, corpora):
     out = tmp_path / "idx"
@@ -176,8 +189,13 @@ def test_two_real_builds_on_one_out(tmp_path, run_cli, same_corpus):
     out = tmp_path / "idx"
     args = ["build-index", "--model", "toyworld", "--out", str(out), "--overwrite", "--quiet", "--chunk-size", "2000"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "retriever", args[0], str(a), *args[1:]], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "retriever", args[0], str(a), *args[1:]],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lock = tmp_path / ".idx.lock"
     deadline = time.time() + 60
     while time.time() < deadline and not (lock.exists() and lock.read_text().strip() == str(first.pid)):
@@ -192,8 +210,9 @@ def test_two_real_builds_on_one_out(tmp_path, run_cli, same_corpus):
     texts = read_index(out).texts.column("text").to_pylist()
     assert all(t.startswith("alpha ") for t in texts) and texts[-1].endswith(" 29999")
     verify_index(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"a.txt", "b.txt", "idx"} if not same_corpus
-                                                                else {"a.txt", "idx"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {"a.txt", "b.txt", "idx"} if not same_corpus else {"a.txt", "idx"}
+    )
 
 
 def test_assembly_refuses_shards_of_another_build(tmp_path, corpora, monkeypatch):
@@ -222,12 +241,16 @@ def test_assembly_refuses_shards_of_another_build(tmp_path, corpora, monkeypatch
 
 # --- 3. publishing: old or new, whatever fails -----------------------------------------------------
 
+
 class _Fail(Exception):
     pass
 
 
-@pytest.mark.parametrize("fallback,step", [(False, 1), (False, 2), (True, 1), (True, 2), (True, 3)],
-                         ids=["exchange", "after-exchange", "swap-rename-1", "swap-rename-2", "swap-remove-old"])
+@pytest.mark.parametrize(
+    "fallback,step",
+    [(False, 1), (False, 2), (True, 1), (True, 2), (True, 3)],
+    ids=["exchange", "after-exchange", "swap-rename-1", "swap-rename-2", "swap-remove-old"],
+)
 def test_publish_fault_leaves_old_or_new_and_the_next_run_recovers(tmp_path, corpora, monkeypatch, fallback, step):
     """Fail at each step of publishing over an old index; readers see the old index or the new
     one, and the next build (or reader) cleans up."""
@@ -253,7 +276,8 @@ def test_publish_fault_leaves_old_or_new_and_the_next_run_recovers(tmp_path, cor
 
     def rmtree(path, *args, **kwargs):
         if (fallback and step == 3 and Path(path).name == ".idx.old") or (
-                not fallback and step == 2 and Path(path).name.startswith(".idx.new-")):
+            not fallback and step == 2 and Path(path).name.startswith(".idx.new-")
+        ):
             raise _Fail
         return real_rmtree(path, *args, **kwargs)
 
@@ -339,12 +363,12 @@ _KILLER = textwrap.dedent("""
 # place, what is left beside it): the leftovers prove where the kill landed.
 _BUSY = {".idx.building", ".idx.lock"}
 _KILL_POINTS = [
-    ("retriever.index.shards:ShardDir.write", 2, False, False, _BUSY),               # embedding, 1 shard done
-    ("retriever.index.build:_assemble", 1, False, False, _BUSY),                     # every shard done
-    ("retriever.index.store:_fsync_dir", 1, False, False, _BUSY | {".idx.new-*"}),   # written, unpublished
+    ("retriever.index.shards:ShardDir.write", 2, False, False, _BUSY),  # embedding, 1 shard done
+    ("retriever.index.build:_assemble", 1, False, False, _BUSY),  # every shard done
+    ("retriever.index.store:_fsync_dir", 1, False, False, _BUSY | {".idx.new-*"}),  # written, unpublished
     ("retriever.index.publish:_exchange", 1, False, False, _BUSY | {".idx.new-*"}),  # just before the swap
-    ("retriever.index.shards:ShardDir.remove", 1, False, True, _BUSY),               # published
-    ("retriever.index.publish:os.rename", 1, True, False, _BUSY | {".idx.new-*"}),   # swap: before the renames
+    ("retriever.index.shards:ShardDir.remove", 1, False, True, _BUSY),  # published
+    ("retriever.index.publish:os.rename", 1, True, False, _BUSY | {".idx.new-*"}),  # swap: before the renames
     ("retriever.index.publish:os.rename", 2, True, False, _BUSY | {".idx.new-*", ".idx.old"}),  # between them
     ("retriever.index.publish:shutil.rmtree", 2, True, True, _BUSY | {".idx.old"}),  # swap: old not yet removed
 ]
@@ -357,22 +381,41 @@ def _beside(folder: Path) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target,nth,fallback,published,left", _KILL_POINTS,
-                         ids=[f"{t.split(':')[1]}#{n}{'-swap' if f else ''}" for t, n, f, _, _ in _KILL_POINTS])
+@pytest.mark.parametrize(
+    "target,nth,fallback,published,left",
+    _KILL_POINTS,
+    ids=[f"{t.split(':')[1]}#{n}{'-swap' if f else ''}" for t, n, f, _, _ in _KILL_POINTS],
+)
 def test_sigkill_at_each_step_then_rebuild(tmp_path, corpora, target, nth, fallback, published, left):
     out = tmp_path / "idx"
     build_index(corpora[0], out, _MODEL[0], show_progress_bar=False)
-    args = ["build-index", str(corpora[1]), "--model", "toyworld", "--out", str(out), "--overwrite", "--quiet",
-            "--chunk-size", "16"]
+    args = [
+        "build-index",
+        str(corpora[1]),
+        "--model",
+        "toyworld",
+        "--out",
+        str(out),
+        "--overwrite",
+        "--quiet",
+        "--chunk-size",
+        "16",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    killed = subprocess.run([sys.executable, "-c", _KILLER, target, str(nth), "1" if fallback else "0", *args],
-                            env=env, capture_output=True, text=True, timeout=120)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLER, target, str(nth), "1" if fallback else "0", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert _beside(tmp_path) == left
     assert _corpus_of(out) == _sha(corpora[1] if published else corpora[0])  # old or new, never neither
     assert len(read_index(out)) == (40 if published else 60)
-    rebuilt = subprocess.run([sys.executable, "-m", "retriever", *args, "--json"], env=env, capture_output=True,
-                             text=True, timeout=120)
+    rebuilt = subprocess.run(
+        [sys.executable, "-m", "retriever", *args, "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert json.loads(rebuilt.stdout)["kept"] == 40
     assert _corpus_of(out) == _sha(corpora[1])
@@ -381,6 +424,7 @@ def test_sigkill_at_each_step_then_rebuild(tmp_path, corpora, target, nth, fallb
 
 
 # --- 4. bad options: one line, before any work -------------------------------------------------------
+
 
 @pytest.mark.parametrize("size", ["1.2.3G", "G", "-1G", "1..2M", "4 GB extra", "nan"])
 def test_unreadable_max_memory(size, tmp_path, run, corpora):
@@ -399,6 +443,7 @@ def test_ivfpq_on_too_few_texts_fails_before_embedding(tmp_path, run, corpora, m
 
 
 # --- 5. damaged indexes: query and info say so in one line ------------------------------------------
+
 
 def _manifest(d: Path) -> dict:
     return json.loads((d / "manifest.json").read_text())
@@ -452,6 +497,7 @@ def _edit(**changes):
             else:
                 manifest[key] = value
         _set_manifest(d, manifest)
+
     return apply
 
 
@@ -466,15 +512,24 @@ DAMAGE = {
     "truncated-texts": (lambda d: _truncate(d, "texts.parquet"), "texts.parquet is "),
     "empty-texts-old": (lambda d: (_unrecord(d), _truncate(d, "texts.parquet", 0)), "texts.parquet cannot be read"),
     "truncated-vectors": (lambda d: _truncate(d, "vectors.f16.npy"), "vectors.f16.npy is 32,"),
-    "renamed-text-column": (lambda d: _write_texts(d, _texts(d).rename_columns(["id", "caption", "shape", "colour"])),
-                            "texts.parquet has no 'text' column (it has id, caption"),
-    "null-ids": (lambda d: _write_texts(d, _texts(d).set_column(0, "id", pa.array([None] * 3 + list(range(3, 256)),
-                                                                                   pa.int64()))),
-                 "texts.parquet's 'id' column has 3 null values"),
-    "null-texts": (lambda d: _write_texts(d, _texts(d).set_column(1, "text", pa.array([None] + CAPTIONS[1:]))),
-                   "texts.parquet's 'text' column has 1 null values"),
-    "shuffled-ids": (lambda d: _write_texts(d, _texts(d).set_column(0, "id", pa.array(list(range(255, -1, -1))))),
-                     "texts.parquet's row 0 has id 255"),
+    "renamed-text-column": (
+        lambda d: _write_texts(d, _texts(d).rename_columns(["id", "caption", "shape", "colour"])),
+        "texts.parquet has no 'text' column (it has id, caption",
+    ),
+    "null-ids": (
+        lambda d: _write_texts(
+            d, _texts(d).set_column(0, "id", pa.array([None] * 3 + list(range(3, 256)), pa.int64()))
+        ),
+        "texts.parquet's 'id' column has 3 null values",
+    ),
+    "null-texts": (
+        lambda d: _write_texts(d, _texts(d).set_column(1, "text", pa.array([None] + CAPTIONS[1:]))),
+        "texts.parquet's 'text' column has 1 null values",
+    ),
+    "shuffled-ids": (
+        lambda d: _write_texts(d, _texts(d).set_column(0, "id", pa.array(list(range(255, -1, -1))))),
+        "texts.parquet's row 0 has id 255",
+    ),
     "manifest-array": (lambda d: _set_manifest(d, [1, 2]), "manifest.json holds a JSON list, not an object"),
     "manifest-not-json": (lambda d: (d / "manifest.json").write_bytes(b"\x00\xff{"), "manifest.json is not valid JSON"),
     "manifest-empty": (lambda d: (d / "manifest.json").write_bytes(b""), "manifest.json is not valid JSON"),
@@ -487,7 +542,10 @@ DAMAGE = {
     "search-params-value": (_edit(search_params={"nprobe": "8"}), "search parameter 'nprobe' is '8'"),
     "search-params-unfit": (_edit(search_params={"nprobe": 8}), "search_params do not fit index.faiss"),
     "files-record-wrong": (_edit(files={"index.faiss": 12}), "record of 'index.faiss' is 12"),
-    "other-dimension": (lambda d: _other_faiss(d, 64, 256), "index.faiss holds 64-dimensional vectors, the manifest says 128"),
+    "other-dimension": (
+        lambda d: _other_faiss(d, 64, 256),
+        "index.faiss holds 64-dimensional vectors, the manifest says 128",
+    ),
     "other-ntotal": (lambda d: _other_faiss(d, 128, 100), "index.faiss holds 100 vectors, the manifest says 256"),
     "count-differs": (_edit(count=255), "index.faiss holds 256 vectors, the manifest says 255"),
 }
@@ -520,6 +578,7 @@ def test_a_damaged_index_can_be_rebuilt_in_place(damaged_copy, run, tmp_path):
 
 # --- 6. silent wrong answers: checksums and impossible scores ---------------------------------------
 
+
 def _flip_in_faiss(d: Path, row: int) -> None:
     """Flip the top exponent bit of a positive component of `row`'s vector in index.faiss (x 2^128)."""
     vector = read_index(d).faiss_index.reconstruct(row)
@@ -543,10 +602,13 @@ def _flip_in_vectors(d: Path, row: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("file,flip,query_args", [
-    ("index.faiss", _flip_in_faiss, ["--dedupe", "off"]),  # scores straight from the FAISS index
-    ("vectors.f16.npy", _flip_in_vectors, []),              # scores re-ranked from the stored vectors
-])
+@pytest.mark.parametrize(
+    "file,flip,query_args",
+    [
+        ("index.faiss", _flip_in_faiss, ["--dedupe", "off"]),  # scores straight from the FAISS index
+        ("vectors.f16.npy", _flip_in_vectors, []),  # scores re-ranked from the stored vectors
+    ],
+)
 def test_one_flipped_byte_is_found_by_verify_and_by_the_score(file, flip, query_args, damaged_copy, run):
     row = 77
     text = read_index(damaged_copy).rows([row])[0]["text"]
@@ -577,11 +639,14 @@ def test_verify_ok_and_old_indexes_still_open(damaged_copy, run):
     result = run("info", damaged_copy, "--verify")
     assert result.exit_code == 0 and "cannot be verified" in result.stderr and "OK" not in result.stdout
     verify_index(damaged_copy)  # nothing recorded to check against: passes
-    assert Retriever.open(damaged_copy).query_text("a large red star on the left", k=1)[0].text == \
-        "a large red star on the left"
+    assert (
+        Retriever.open(damaged_copy).query_text("a large red star on the left", k=1)[0].text
+        == "a large red star on the left"
+    )
 
 
 # --- 7. small things ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("text", ["", " ", "\t\n"])
 def test_empty_query_text_is_a_usage_error(text, toy_index, run):
@@ -592,8 +657,18 @@ def test_empty_query_text_is_a_usage_error(text, toy_index, run):
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_recall_of_a_tiny_exhaustive_index_is_one(kind, tmp_path, run):
     corpus = _corpus(tmp_path / "three.txt", CAPTIONS[:3])  # fewer texts than k = 10
-    result = run("build-index", corpus, "--model", "toyworld", "--out", tmp_path / "idx", "--index-type", kind,
-                 "--json", "--quiet")
+    result = run(
+        "build-index",
+        corpus,
+        "--model",
+        "toyworld",
+        "--out",
+        tmp_path / "idx",
+        "--index-type",
+        kind,
+        "--json",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["recall_at_10"] == 1.0
     assert read_manifest(tmp_path / "idx")["tuning"]["recall_at_10"] == 1.0

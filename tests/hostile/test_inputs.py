@@ -30,6 +30,7 @@ from retriever.models.loading import BUNDLED_DIR, load_model
 
 # --- corpus paths: refused by stat and a 64 KiB sniff, before hashing or a model load -------------
 
+
 def _fifo(d: Path) -> Path:
     os.mkfifo(d / "pipe.txt")
     return d / "pipe.txt"
@@ -54,6 +55,7 @@ def _write(name: str, data: bytes):
     def make(d: Path) -> Path:
         (d / name).write_bytes(data)
         return d / name
+
     return make
 
 
@@ -68,7 +70,10 @@ PATH_CASES = {
     "utf16": (_write("c.tsv", "caption\na red star\n".encode("utf-16")), "is UTF-16 text; save it as UTF-8"),
     "utf16-no-bom": (_write("c.txt", "a red star\nblue\n".encode("utf-16-le")), "looks binary"),
     "png-as-csv": (_write("c.csv", b"\x89PNG\r\n\x1a\n" + bytes(40)), "a PNG image, not text"),
-    "json-array-as-jsonl": (_write("c.jsonl", b'[{"caption": "a"}, {"caption": "b"}]\n'), "is a JSON array of objects, not JSON Lines"),
+    "json-array-as-jsonl": (
+        _write("c.jsonl", b'[{"caption": "a"}, {"caption": "b"}]\n'),
+        "is a JSON array of objects, not JSON Lines",
+    ),
     "pretty-json-as-jsonl": (_write("c.jsonl", b'[\n  {"caption": "a"}\n]\n'), "one JSON document over several lines"),
     "text-as-parquet": (_write("c.parquet", b"caption\na red star\n"), "not a readable parquet file (no PAR1 header)"),
     "unknown-suffix": (_write("c.xlsx", b"caption\n"), "unknown format '.xlsx' for a corpus"),
@@ -83,8 +88,16 @@ def test_bad_corpus_path_is_one_clean_line_before_the_model(run, tmp_path, case)
         check_corpus_file(path)
     assert str(path) in str(info.value) and fragment in str(info.value)
     # --model names weights that do not exist: reaching load_model would be a different error.
-    result = run("build-index", path, "--model", "ViT-B-32", "--pretrained", tmp_path / "no-weights.pt",
-                 "--out", tmp_path / "idx")
+    result = run(
+        "build-index",
+        path,
+        "--model",
+        "ViT-B-32",
+        "--pretrained",
+        tmp_path / "no-weights.pt",
+        "--out",
+        tmp_path / "idx",
+    )
     assert_clean_error(result, str(path), fragment)
     assert not (tmp_path / "idx").exists()
 
@@ -112,11 +125,16 @@ def test_typo_in_build_index_never_imports_torch(tmp_path):
         import sys
         from typer.testing import CliRunner
         from retriever.cli import app
-        r = CliRunner().invoke(app, ["build-index", {str(tmp_path / 'pipe.txt')!r}, "--model", "toyworld"])
+        r = CliRunner().invoke(app, ["build-index", {str(tmp_path / "pipe.txt")!r}, "--model", "toyworld"])
         print(r.exit_code, "torch" in sys.modules, "open_clip" in sys.modules)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert out.stdout.split() == ["1", "False", "False"], out.stderr
 
 
@@ -131,8 +149,17 @@ def test_coco_inputs_are_checked_before_reading(tmp_path, case):
 
 # --- corpus values --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value,kind", [({"en": "a cat"}, "an object"), (["a", "cat"], "a list"),
-                                        (True, "a boolean"), (42, "a number"), (1.5, "a number")])
+
+@pytest.mark.parametrize(
+    "value,kind",
+    [
+        ({"en": "a cat"}, "an object"),
+        (["a", "cat"], "a list"),
+        (True, "a boolean"),
+        (42, "a number"),
+        (1.5, "a number"),
+    ],
+)
 def test_jsonl_non_string_text_is_a_bad_row_not_its_repr(tmp_path, value, kind):
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"caption": "a red star"}) + "\n" + json.dumps({"caption": value}) + "\n")
@@ -145,11 +172,15 @@ def test_parquet_text_columns_of_other_types(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"caption": pa.array([b"a red star", b"\xff\xfe", b"blue circle"], pa.binary()),
-                             "n": [1, 2, 3]}), tmp_path / "b.parquet")
+    pq.write_table(
+        pa.table({"caption": pa.array([b"a red star", b"\xff\xfe", b"blue circle"], pa.binary()), "n": [1, 2, 3]}),
+        tmp_path / "b.parquet",
+    )
     corpus = read_corpus(tmp_path / "b.parquet")
     assert corpus.texts == ["a red star", "blue circle"] and corpus.metadata == [{"n": 1}, {"n": 3}]
-    assert [(b.line, b.reason.split(" (")[0]) for b in corpus.report.bad_rows] == [(2, "text is bytes that are not UTF-8")]
+    assert [(b.line, b.reason.split(" (")[0]) for b in corpus.report.bad_rows] == [
+        (2, "text is bytes that are not UTF-8")
+    ]
     pq.write_table(pa.table({"caption": [7, 8]}), tmp_path / "i.parquet")
     with pytest.raises(CorpusError, match=r"i\.parquet:1: text is a number, not a string"):
         read_corpus(tmp_path / "i.parquet", strict=True)
@@ -168,8 +199,10 @@ def test_surrogates_text_is_a_bad_row_metadata_is_replaced(tmp_path, toy_model):
     from retriever.index.store import read_index
 
     path = tmp_path / "c.jsonl"
-    path.write_text('{"caption": "a red star", "note": "x\\ud800y", "\\udfff": 1}\n'
-                    '{"caption": "bad \\ud800 text"}\n{"caption": "a blue circle", "note": "fine"}\n')
+    path.write_text(
+        '{"caption": "a red star", "note": "x\\ud800y", "\\udfff": 1}\n'
+        '{"caption": "bad \\ud800 text"}\n{"caption": "a blue circle", "note": "fine"}\n'
+    )
     corpus = read_corpus(path)
     assert corpus.texts == ["a red star", "a blue circle"]
     assert corpus.metadata[0] == {"note": "x\ufffdy", "\ufffd": 1}
@@ -182,12 +215,12 @@ def test_metadata_changing_type_across_chunks_builds(tmp_path, toy_model):
     from retriever.index.build import build_index
     from retriever.index.store import read_index
 
-    values = [1, 2, {"a": [1, 2]}, {"b": None}, [3, "x"], "text", 2 ** 70, None]
+    values = [1, 2, {"a": [1, 2]}, {"b": None}, [3, "x"], "text", 2**70, None]
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps({"caption": f"caption {i}", "m": v}) + "\n" for i, v in enumerate(values)))
     index = read_index(build_index(path, tmp_path / "idx", toy_model, chunk_size=2, show_progress_bar=False).path)
     got = [r["m"] for r in index.rows(list(range(len(values))))]
-    assert got == ["1", "2", '{"a": [1, 2]}', '{"b": null}', '[3, "x"]', "text", str(2 ** 70), None]
+    assert got == ["1", "2", '{"a": [1, 2]}', '{"b": null}', '[3, "x"]', "text", str(2**70), None]
 
 
 def test_id_and_corpus_id_are_both_kept(tmp_path, toy_model):
@@ -225,8 +258,10 @@ def test_deeply_nested_json_line_and_coco_file(tmp_path):
 
 def test_coco_caption_surrogate_is_cleaned(tmp_path):
     coco = tmp_path / "captions_val2014.json"
-    coco.write_text('{"images": [{"id": 1, "file_name": "a.jpg"}], '
-                    '"annotations": [{"image_id": 1, "caption": "a \\ud800 cat\\u0000"}]}')
+    coco.write_text(
+        '{"images": [{"id": 1, "file_name": "a.jpg"}], '
+        '"annotations": [{"image_id": 1, "caption": "a \\ud800 cat\\u0000"}]}'
+    )
     convert_coco(tmp_path / "out.tsv", annotations=[coco], captions_only=True)
     assert (tmp_path / "out.tsv").read_text(encoding="utf-8") == "caption\na \ufffd cat\n"
 
@@ -234,16 +269,24 @@ def test_coco_caption_surrogate_is_cleaned(tmp_path):
 def test_pairs_non_string_caption_and_path(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     path = tmp_path / "p.jsonl"
-    rows = [{"filepath": "a.png", "title": "a red star"}, {"filepath": "a.png", "title": {"x": 1}},
-            {"filepath": 5, "title": "five"}, {"filepath": "a.png", "title": "\u0000"}]
+    rows = [
+        {"filepath": "a.png", "title": "a red star"},
+        {"filepath": "a.png", "title": {"x": 1}},
+        {"filepath": 5, "title": "five"},
+        {"filepath": "a.png", "title": "\u0000"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs = read_pairs(path)
     assert pairs.captions == ["a red star"]
     assert [(b.line, b.reason) for b in pairs.report.bad_rows] == [
-        (2, "text is an object, not a string"), (3, "image path is 5, not a string"), (4, "empty caption")]
+        (2, "text is an object, not a string"),
+        (3, "image path is 5, not a string"),
+        (4, "empty caption"),
+    ]
 
 
 # --- images -------------------------------------------------------------------------------------
+
 
 def _scene_image():
     scene = next(s for s in toyworld.all_scenes() if s.size == "large" and "left" in s.caption)
@@ -339,6 +382,7 @@ def test_fifo_image_is_refused_without_blocking(tmp_path):
 
 # --- model configs and checkpoints ----------------------------------------------------------------
 
+
 def _model_dir(tmp_path: Path, edit) -> Path:
     d = tmp_path / "model"
     shutil.copytree(BUNDLED_DIR / "toyworld", d)
@@ -349,14 +393,26 @@ def _model_dir(tmp_path: Path, edit) -> Path:
 
 
 CONFIG_CASES = {
-    "100k-layers": (lambda c: c["model_cfg"]["vision_cfg"].update(layers=100_000, width=1_000_000), "parameters (limit 5e+09)"),
-    "wide-text": (lambda c: c["model_cfg"]["text_cfg"].update(width=10 ** 6), "parameters (limit 5e+09)"),
-    "long-context": (lambda c: c["model_cfg"]["text_cfg"].update(context_length=10 ** 6), "text_cfg.context_length is 1000000"),
-    "huge-image": (lambda c: c["model_cfg"]["vision_cfg"].update(image_size=10 ** 6), "vision_cfg.image_size is 1000000"),
-    "huge-preprocess": (lambda c: c["preprocess_cfg"].update(size=10 ** 7), "preprocess_cfg.size is 10000000"),
-    "string-layers": (lambda c: c["model_cfg"]["text_cfg"].update(layers="many"), "text_cfg.layers should be a positive integer"),
-    "negative-width": (lambda c: c["model_cfg"]["vision_cfg"].update(width=-5), "vision_cfg.width should be a positive integer"),
-    "coca-decoder": (lambda c: c["model_cfg"].update(multimodal_cfg={"width": 10 ** 6, "layers": 1000}), "parameters"),
+    "100k-layers": (
+        lambda c: c["model_cfg"]["vision_cfg"].update(layers=100_000, width=1_000_000),
+        "parameters (limit 5e+09)",
+    ),
+    "wide-text": (lambda c: c["model_cfg"]["text_cfg"].update(width=10**6), "parameters (limit 5e+09)"),
+    "long-context": (
+        lambda c: c["model_cfg"]["text_cfg"].update(context_length=10**6),
+        "text_cfg.context_length is 1000000",
+    ),
+    "huge-image": (lambda c: c["model_cfg"]["vision_cfg"].update(image_size=10**6), "vision_cfg.image_size is 1000000"),
+    "huge-preprocess": (lambda c: c["preprocess_cfg"].update(size=10**7), "preprocess_cfg.size is 10000000"),
+    "string-layers": (
+        lambda c: c["model_cfg"]["text_cfg"].update(layers="many"),
+        "text_cfg.layers should be a positive integer",
+    ),
+    "negative-width": (
+        lambda c: c["model_cfg"]["vision_cfg"].update(width=-5),
+        "vision_cfg.width should be a positive integer",
+    ),
+    "coca-decoder": (lambda c: c["model_cfg"].update(multimodal_cfg={"width": 10**6, "layers": 1000}), "parameters"),
 }
 
 
@@ -428,8 +484,9 @@ def test_garbage_safetensors_is_a_clean_error(run, tmp_path):
     (d / "open_clip_model.safetensors").write_bytes(b"\xff" * 64)
     corpus = tmp_path / "c.txt"
     corpus.write_text("a red star\n")
-    assert_clean_error(run("build-index", corpus, "--model", f"local-dir:{d}", "--out", tmp_path / "idx"),
-                       "cannot load local-dir:")
+    assert_clean_error(
+        run("build-index", corpus, "--model", f"local-dir:{d}", "--out", tmp_path / "idx"), "cannot load local-dir:"
+    )
 
 
 def test_image_source_name_survives_for_errors(tmp_path):

@@ -118,8 +118,12 @@ RAW_JSON = [
     ("where too long", '{"text": "a star", "where": "' + "len < 3 or " * 300 + 'len < 3"}', 400, "the limit is 300"),
     ("where syntax", '{"text": "a star", "where": "shape = = 3"}', 400, "where: expected a value"),
     ("where python", '{"text": "a star", "where": "__import__(\'os\').system(\'id\')"}', 400, "where:"),
-    ("where deep parentheses", '{"text": "a star", "where": "' + "(" * 60 + 'len < 3' + ")" * 60 + '"}', 400,
-     "nested too deeply"),
+    (
+        "where deep parentheses",
+        '{"text": "a star", "where": "' + "(" * 60 + "len < 3" + ")" * 60 + '"}',
+        400,
+        "nested too deeply",
+    ),
     ("where unknown column", '{"text": "a star", "where": "flavour = 1"}', 400, "no column 'flavour'"),
     ("where wrong type", '{"text": "a star", "where": "len = \\"long\\""}', 400, "cannot compare column 'len'"),
     ("plus a number", '{"text": "a star", "plus": 3}', 400, "plus[0] must be a text or an object"),
@@ -130,12 +134,25 @@ RAW_JSON = [
     ("plus lone surrogate", '{"text": "a star", "minus": ["\\udfff"]}', 400, "lone surrogate"),
     ("plus object without text", '{"text": "a star", "plus": [{"weight": 2}]}', 400, "plus[0] needs a text"),
     ("plus object extra key", '{"text": "a star", "plus": [{"text": "blue", "w": 2}]}', 400, "unknown key(s) 'w'"),
-    ("plus weight Infinity", '{"text": "a star", "plus": [{"text": "blue", "weight": 1e309}]}', 400,
-     "plus[0].weight must be between"),
+    (
+        "plus weight Infinity",
+        '{"text": "a star", "plus": [{"text": "blue", "weight": 1e309}]}',
+        400,
+        "plus[0].weight must be between",
+    ),
     ("plus weight negative", '{"text": "a star", "minus": [{"text": "blue", "weight": -1}]}', 400, "minus[0].weight"),
-    ("plus weight a string", '{"text": "a star", "plus": [{"text": "blue", "weight": "heavy"}]}', 400, "must be a number"),
-    ("plus too many", '{"text": "a star", "plus": [' + ", ".join(['"blue"'] * 17) + "]}", 400,
-     "plus holds 17 items; the limit is 16"),
+    (
+        "plus weight a string",
+        '{"text": "a star", "plus": [{"text": "blue", "weight": "heavy"}]}',
+        400,
+        "must be a number",
+    ),
+    (
+        "plus too many",
+        '{"text": "a star", "plus": [' + ", ".join(['"blue"'] * 17) + "]}",
+        400,
+        "plus holds 17 items; the limit is 16",
+    ),
     ("plus text too long", '{"text": "a star", "plus": ["' + "b" * 301 + '"]}', 400, "the limit is 300"),
     ("modifiers cancel the query", '{"text": "a star", "minus": ["a star"]}', 400, "cancel the query out"),
     ("images not a list", '{"images": "AAAA"}', 400, "images must be an array of base64 strings, not a string"),
@@ -162,7 +179,12 @@ RAW_JSON = [
     ("indexes a number", '{"text": "a star", "indexes": [1]}', 400, "indexes[0] must be an index name"),
     ("indexes empty string", '{"text": "a star", "indexes": [""]}', 400, "indexes[0] must be an index name"),
     ("indexes empty", '{"text": "a star", "indexes": []}', 400, "indexes is empty"),
-    ("indexes over the loaded count", '{"text": "a star", "indexes": ["toy", "b", "toy"]}', 400, "holds 2 names; the limit is 1"),
+    (
+        "indexes over the loaded count",
+        '{"text": "a star", "indexes": ["toy", "b", "toy"]}',
+        400,
+        "holds 2 names; the limit is 1",
+    ),
     ("indexes unknown", '{"text": "a star", "indexes": ["nope"]}', 404, "unknown index 'nope'"),
     ("indexes lone surrogate", '{"text": "a star", "indexes": ["\\ud800"]}', 400, "lone surrogate"),
     ("index and indexes", '{"text": "a star", "index": "toy", "indexes": ["toy"]}', 400, "not both"),
@@ -203,14 +225,17 @@ def test_form_filename_that_cannot_be_encoded_is_replaced(client):
 
     buffer = BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="PNG")
-    body = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"\xed\xa0\x80.png\"\r\n"
-            b"Content-Type: image/png\r\n\r\n" + buffer.getvalue() + b"\r\n--b--\r\n")
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="\xed\xa0\x80.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + buffer.getvalue() + b"\r\n--b--\r\n"
+    )
     response = post_raw(client, body, "multipart/form-data; boundary=b")
     assert response.status_code == 200, response.text
     json.dumps(response.json(), ensure_ascii=False).encode("utf-8")
 
 
 # --- body size ------------------------------------------------------------------------------------
+
 
 def test_declared_oversize_body_is_refused_before_reading(client):
     response = post_raw(client, b'{"text": "' + b"a" * (LIMIT + 10) + b'"}')
@@ -231,6 +256,7 @@ def test_chunked_oversize_body_is_counted_and_refused(client):
 
 
 # --- damaged index --------------------------------------------------------------------------------
+
 
 def test_damaged_index_found_at_start_is_refused_and_reported(toy_index, tmp_path):
     pytest.importorskip("retriever.index.verify")
@@ -260,6 +286,7 @@ def test_good_index_is_verified_ok(client):
 
 # --- Host, origin, API key -----------------------------------------------------------------------
 
+
 def test_dns_rebinding_host_is_refused(client):
     assert_refused(client.get("/v1/indexes", headers={"host": "evil.example"}), 400, "'evil.example' is not served")
     assert_refused(client.post("/v1/query", json={"text": "a star"}, headers={"host": "evil.example:8000"}), 400)
@@ -275,20 +302,27 @@ def _form_post(client, **headers):
     return client.post("/v1/query", files={"image": ("x.png", b"not an image", "image/png")}, headers=headers)
 
 
-@pytest.mark.parametrize("headers", [
-    {"origin": "http://evil.example"},
-    {"origin": "null"},  # a sandboxed iframe or a file:// page
-    {"origin": "http://127.0.0.1:9999"},  # another port is another origin
-    {"sec-fetch-site": "cross-site"},
-    {"referer": "http://evil.example/page.html"},
-], ids=["other origin", "null origin", "other port", "sec-fetch-site", "referer"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"origin": "http://evil.example"},
+        {"origin": "null"},  # a sandboxed iframe or a file:// page
+        {"origin": "http://127.0.0.1:9999"},  # another port is another origin
+        {"sec-fetch-site": "cross-site"},
+        {"referer": "http://evil.example/page.html"},
+    ],
+    ids=["other origin", "null origin", "other port", "sec-fetch-site", "referer"],
+)
 def test_cross_site_form_post_is_refused(client, headers):
     assert_refused(_form_post(client, **headers), 403, "cross-site request refused")
 
 
 def test_same_origin_post_passes(client):
-    response = client.post("/v1/query", json={"text": "a small red star on the left", "k": 1},
-                           headers={"origin": ORIGIN, "sec-fetch-site": "same-origin"})
+    response = client.post(
+        "/v1/query",
+        json={"text": "a small red star on the left", "k": 1},
+        headers={"origin": ORIGIN, "sec-fetch-site": "same-origin"},
+    )
     assert response.status_code == 200, response.text
     assert_refused(_form_post(client, origin=ORIGIN, referer=ORIGIN + "/"), 400, "not an image")
 
@@ -340,6 +374,7 @@ def test_exposure_warning_only_beyond_loopback_without_a_key():
 
 # --- a real server: time and connections ----------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -349,15 +384,21 @@ def _free_port() -> int:
 def _start(*args: str, port: int) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("RETRIEVER_API_KEY", None)
-    return subprocess.Popen([sys.executable, "-m", "retriever", "serve", *args, "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "retriever", "serve", *args, "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def server(toy_index):
     port = _free_port()
-    proc = _start("--index", str(toy_index), "--max-pending", "1", "--read-timeout", "2", "--max-upload", "1M",
-                  port=port)
+    proc = _start(
+        "--index", str(toy_index), "--max-pending", "1", "--read-timeout", "2", "--max-upload", "1M", port=port
+    )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -379,8 +420,10 @@ def _connect(port: int) -> socket.socket:
 
 
 def _head(port: int, length: int) -> bytes:
-    return (f"POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 def _read_response(sock: socket.socket) -> bytes:
@@ -389,8 +432,9 @@ def _read_response(sock: socket.socket) -> bytes:
     while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
-                   if line.startswith(b"content-length:")), 0)
+    length = next(
+        (int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")), 0
+    )
     while len(body) < length and (chunk := sock.recv(65536)):
         body += chunk
     return head + b"\r\n\r\n" + body
@@ -410,7 +454,7 @@ def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") ->
         except ConnectionResetError:
             return time.monotonic() - start
         try:
-            sock.sendall(trickle[i % len(trickle):i % len(trickle) + 1] if trickle else b"")
+            sock.sendall(trickle[i % len(trickle) : i % len(trickle) + 1] if trickle else b"")
         except (BrokenPipeError, ConnectionResetError):
             return time.monotonic() - start
         i += 1
@@ -474,8 +518,10 @@ def test_declared_oversize_is_refused_before_the_body_is_sent(server):
 
 def test_chunked_oversize_on_a_real_server(server):
     with _connect(server) as sock:
-        sock.sendall(f"POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1:{server}\r\nContent-Type: application/json\r\n"
-                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        sock.sendall(
+            f"POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1:{server}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
         chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"a" * 64 * 1024)
         response = b""
         try:

@@ -57,8 +57,10 @@ def write_pairs(folder: Path, n: int, seed: int, broken: int = 0) -> Path:
 
 def tree(folder: Path) -> dict[str, bytes | None]:
     """Every path under `folder` with its bytes (None for folders and symlinks): a snapshot to compare."""
-    return {str(p.relative_to(folder)): None if p.is_dir() or p.is_symlink() else p.read_bytes()
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): None if p.is_dir() or p.is_symlink() else p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -96,7 +98,9 @@ def interrupted_run(data, tmp_path_factory):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(data["train"], out, "toyworld", options=TrainOptions(**OPTIONS), on_event=stop, show_progress_bar=False)
+        finetune(
+            data["train"], out, "toyworld", options=TrainOptions(**OPTIONS), on_event=stop, show_progress_bar=False
+        )
     return out
 
 
@@ -128,6 +132,7 @@ def state_parts(out: Path) -> tuple[Path, dict, Path]:
 
 
 # --- crafted and damaged training state --------------------------------------------------------
+
 
 @pytest.mark.parametrize("where", ["legacy state.pt", "state.json", "tensor file"])
 def test_a_pickled_state_is_never_unpickled(where, data, run_copy, tmp_path, run):
@@ -161,31 +166,65 @@ def _set(meta, path, value):
     meta[last] = value
 
 
-@pytest.mark.parametrize("damage, why", [
-    (lambda raw, meta: os.urandom(4096), "not JSON"),
-    (lambda raw, meta: raw[: len(raw) // 2], "not JSON"),
-    (lambda raw, meta: b"", "not JSON"),
-    (lambda raw, meta: b"[1, 2, 3]", "not a retriever-finetune-state file"),
-    (lambda raw, meta: json.dumps({**meta, "format": "something-else"}).encode(), "not a retriever-finetune-state file"),
-    (lambda raw, meta: json.dumps({**meta, "version": 99}).encode(), "format version 99"),
-    (lambda raw, meta: json.dumps({k: v for k, v in meta.items() if k != "epoch"}).encode(), "no 'epoch' field"),
-    (lambda raw, meta: json.dumps({**meta, "epoch": "1"}).encode(), "'epoch' is str"),
-    (lambda raw, meta: json.dumps({**meta, "batch": -3}).encode(), "a negative epoch or batch"),
-    (lambda raw, meta: json.dumps({**meta, "losses": [1.0, "x"]}).encode(), "a loss is not a number"),
-    (lambda raw, meta: json.dumps({**meta, "model": {**meta["model"], "name": 7}}).encode(), "'model.name' is not a string"),
-    (lambda raw, meta: json.dumps({**meta, "tensors": {**meta["tensors"], "file": "../../../etc/passwd"}}).encode(),
-     "no valid 'tensors' entry"),
-    (lambda raw, meta: json.dumps({**meta, "history": [{"epoch": 1, "surprise": True}]}).encode(), "a history entry does not fit"),
-    (lambda raw, meta: json.dumps({**meta, "optimizer_groups": meta["optimizer_groups"][:1]}).encode(), "does not fit toyworld"),
-], ids=["random-bytes", "truncated", "empty", "a-list", "wrong-format", "future-version", "no-epoch", "epoch-a-string",
-        "negative-batch", "loss-a-string", "model-name-a-number", "path-traversal", "history-wrong-fields",
-        "optimizer-groups-missing"])
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda raw, meta: os.urandom(4096), "not JSON"),
+        (lambda raw, meta: raw[: len(raw) // 2], "not JSON"),
+        (lambda raw, meta: b"", "not JSON"),
+        (lambda raw, meta: b"[1, 2, 3]", "not a retriever-finetune-state file"),
+        (
+            lambda raw, meta: json.dumps({**meta, "format": "something-else"}).encode(),
+            "not a retriever-finetune-state file",
+        ),
+        (lambda raw, meta: json.dumps({**meta, "version": 99}).encode(), "format version 99"),
+        (lambda raw, meta: json.dumps({k: v for k, v in meta.items() if k != "epoch"}).encode(), "no 'epoch' field"),
+        (lambda raw, meta: json.dumps({**meta, "epoch": "1"}).encode(), "'epoch' is str"),
+        (lambda raw, meta: json.dumps({**meta, "batch": -3}).encode(), "a negative epoch or batch"),
+        (lambda raw, meta: json.dumps({**meta, "losses": [1.0, "x"]}).encode(), "a loss is not a number"),
+        (
+            lambda raw, meta: json.dumps({**meta, "model": {**meta["model"], "name": 7}}).encode(),
+            "'model.name' is not a string",
+        ),
+        (
+            lambda raw, meta: json.dumps(
+                {**meta, "tensors": {**meta["tensors"], "file": "../../../etc/passwd"}}
+            ).encode(),
+            "no valid 'tensors' entry",
+        ),
+        (
+            lambda raw, meta: json.dumps({**meta, "history": [{"epoch": 1, "surprise": True}]}).encode(),
+            "a history entry does not fit",
+        ),
+        (
+            lambda raw, meta: json.dumps({**meta, "optimizer_groups": meta["optimizer_groups"][:1]}).encode(),
+            "does not fit toyworld",
+        ),
+    ],
+    ids=[
+        "random-bytes",
+        "truncated",
+        "empty",
+        "a-list",
+        "wrong-format",
+        "future-version",
+        "no-epoch",
+        "epoch-a-string",
+        "negative-batch",
+        "loss-a-string",
+        "model-name-a-number",
+        "path-traversal",
+        "history-wrong-fields",
+        "optimizer-groups-missing",
+    ],
+)
 def test_a_damaged_state_json_is_a_clean_error(damage, why, data, run_copy, run):
     state, meta, _ = state_parts(run_copy)
     state.write_bytes(damage(state.read_bytes(), meta))
     before = tree(run_copy)
-    assert_clean_error(run(*resume_args(data, run_copy)), "state", "unreadable training state", why,
-                       "start again with --overwrite")
+    assert_clean_error(
+        run(*resume_args(data, run_copy)), "state", "unreadable training state", why, "start again with --overwrite"
+    )
     assert tree(run_copy) == before
 
 
@@ -195,12 +234,16 @@ def _foreign_tensors(meta, tensor_file):
     meta["tensors"]["sha256"] = hashlib.sha256(tensor_file.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("damage, why", [
-    (lambda meta, f: f.write_bytes(os.urandom(2048)), "sha256 differs"),
-    (lambda meta, f: f.write_bytes(f.read_bytes()[:1000]), "sha256 differs"),
-    (lambda meta, f: f.unlink(), "is missing"),
-    (_foreign_tensors, "does not fit toyworld"),
-], ids=["random-bytes", "truncated", "missing", "wrong-tensors"])
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda meta, f: f.write_bytes(os.urandom(2048)), "sha256 differs"),
+        (lambda meta, f: f.write_bytes(f.read_bytes()[:1000]), "sha256 differs"),
+        (lambda meta, f: f.unlink(), "is missing"),
+        (_foreign_tensors, "does not fit toyworld"),
+    ],
+    ids=["random-bytes", "truncated", "missing", "wrong-tensors"],
+)
 def test_a_damaged_tensor_file_is_a_clean_error(damage, why, data, run_copy, run):
     state, meta, tensor_file = state_parts(run_copy)
     damage(meta, tensor_file)
@@ -209,6 +252,7 @@ def test_a_damaged_tensor_file_is_a_clean_error(damage, why, data, run_copy, run
 
 
 # --- folders that are not runs -----------------------------------------------------------------
+
 
 def _thesis(out):
     (out / "photos").mkdir(parents=True)
@@ -238,12 +282,15 @@ def _checkpoints_symlink(out, tmp_path):
 
 
 @pytest.mark.parametrize("overwrite", [True, False])
-@pytest.mark.parametrize("contents, shown", [
-    ("thesis", "photos/, thesis.tex"),
-    ("run-plus-notes", "notes.txt"),
-    ("user-model-folder", "open_clip_config.json, open_clip_model.safetensors"),
-    ("checkpoints-symlink", "checkpoints (a symlink)"),
-])
+@pytest.mark.parametrize(
+    "contents, shown",
+    [
+        ("thesis", "photos/, thesis.tex"),
+        ("run-plus-notes", "notes.txt"),
+        ("user-model-folder", "open_clip_config.json, open_clip_model.safetensors"),
+        ("checkpoints-symlink", "checkpoints (a symlink)"),
+    ],
+)
 def test_a_folder_that_is_not_a_run_is_never_cleared(contents, shown, overwrite, data, interrupted_run, tmp_path, run):
     out = tmp_path / "out"
     elsewhere = None
@@ -280,8 +327,9 @@ def test_overwrite_replaces_a_real_run(data, interrupted_run, tmp_path, straight
     shutil.copytree(interrupted_run, out)
     finetune(data["train"], out, "toyworld", options=TrainOptions(**OPTIONS), overwrite=True, show_progress_bar=False)
     assert_same_weights(weights(out), straight["train"])
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(["epoch_1", "epoch_2", "state.json",
-                                                                             _tensor_name(out)])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
+        ["epoch_1", "epoch_2", "state.json", _tensor_name(out)]
+    )
 
 
 def _tensor_name(out):
@@ -289,6 +337,7 @@ def _tensor_name(out):
 
 
 # --- changed data, unreadable images, bad paths ------------------------------------------------
+
 
 def test_resume_refuses_pairs_whose_content_changed(data, run_copy, tmp_path, run):
     changed = tmp_path / "pairs.tsv"
@@ -301,8 +350,9 @@ def test_resume_refuses_pairs_whose_content_changed(data, run_copy, tmp_path, ru
     _rewrite_json(run_copy / "checkpoints" / "state.json", state)
     args = resume_args(data, run_copy)
     args[1] = changed
-    assert_clean_error(run(*args), "the training data changed", "same file and row count, but its content changed",
-                       "--overwrite")
+    assert_clean_error(
+        run(*args), "the training data changed", "same file and row count, but its content changed", "--overwrite"
+    )
 
 
 def _absolute(line, data):
@@ -317,8 +367,11 @@ def _rewrite_json(path, obj):
 def test_an_epoch_in_which_no_image_can_be_read_is_an_error(tmp_path, run):
     train = write_pairs(tmp_path, 20, seed=13, broken=20)
     out = tmp_path / "out"
-    line = assert_clean_error(run("finetune", train, "--out", out, *CLI_OPTIONS),
-                              str(train), "no trainable pairs in epoch 1: all 20 images were unreadable")
+    line = assert_clean_error(
+        run("finetune", train, "--out", out, *CLI_OPTIONS),
+        str(train),
+        "no trainable pairs in epoch 1: all 20 images were unreadable",
+    )
     assert "13_0" in line  # names one of them
     assert not (out / "open_clip_model.safetensors").exists() and not (out / "finetune.json").exists()
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("epoch_*"))
@@ -346,9 +399,21 @@ def _bad_path(kind, tmp_path, data):
     return cases[kind]
 
 
-@pytest.mark.parametrize("kind", ["train-missing", "train-directory", "train-fifo", "val-missing", "val-directory",
-                                  "val-fifo", "out-under-a-file", "out-is-a-file", "resume-nothing",
-                                  "resume-and-overwrite"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "train-missing",
+        "train-directory",
+        "train-fifo",
+        "val-missing",
+        "val-directory",
+        "val-fifo",
+        "out-under-a-file",
+        "out-is-a-file",
+        "resume-nothing",
+        "resume-and-overwrite",
+    ],
+)
 def test_bad_paths_fail_before_the_model_is_loaded(kind, tmp_path, data, run_cli):
     args, fragments = _bad_path(kind, tmp_path, data)
     # A model that does not exist: the path error must come first, so no model was loaded.
@@ -358,6 +423,7 @@ def test_bad_paths_fail_before_the_model_is_loaded(kind, tmp_path, data, run_cli
 
 
 # --- interruptions -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("at", ["step", "unreadable_image"])
 def test_a_real_sigint_stops_at_a_step_boundary_and_resumes_bit_identically(at, data, straight, tmp_path):
@@ -377,7 +443,9 @@ def test_a_real_sigint_stops_at_a_step_boundary_and_resumes_bit_identically(at, 
 
     previous = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        finetune(data[key], out, "toyworld", options=TrainOptions(**OPTIONS), on_event=signal_once, show_progress_bar=False)
+        finetune(
+            data[key], out, "toyworld", options=TrainOptions(**OPTIONS), on_event=signal_once, show_progress_bar=False
+        )
     assert signal.getsignal(signal.SIGINT) is previous  # the handler is put back
     state = json.loads((out / "checkpoints" / "state.json").read_text())
     assert sent and (state["epoch"], state["batch"]) == (0, steps[-1])  # the step under way was finished
@@ -402,15 +470,27 @@ def _raise_once_on(monkeypatch, matches):
     return fired
 
 
-@pytest.mark.parametrize("target", [
-    lambda p: p.name == "epoch_1",                                                   # the epoch folder's rename
-    lambda p: p.name == "open_clip_model.safetensors" and p.parent.name.startswith(".epoch_1.tmp"),  # its weights
-    lambda p: p.name == "open_clip_model.safetensors" and p.parent.name == "run",    # publishing the weights
-    lambda p: p.name == "open_clip_config.json" and p.parent.name == "run",          # publishing the config
-    lambda p: p.name.startswith("state-") and p.suffix == ".safetensors",            # the state's tensors
-    lambda p: p.name == "state.json",                                                # the state's JSON
-    lambda p: p.name == "finetune.json",                                             # the summary
-], ids=["epoch-rename", "epoch-weights", "publish-weights", "publish-config", "state-tensors", "state-json", "summary"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        lambda p: p.name == "epoch_1",  # the epoch folder's rename
+        lambda p: p.name == "open_clip_model.safetensors" and p.parent.name.startswith(".epoch_1.tmp"),  # its weights
+        lambda p: p.name == "open_clip_model.safetensors" and p.parent.name == "run",  # publishing the weights
+        lambda p: p.name == "open_clip_config.json" and p.parent.name == "run",  # publishing the config
+        lambda p: p.name.startswith("state-") and p.suffix == ".safetensors",  # the state's tensors
+        lambda p: p.name == "state.json",  # the state's JSON
+        lambda p: p.name == "finetune.json",  # the summary
+    ],
+    ids=[
+        "epoch-rename",
+        "epoch-weights",
+        "publish-weights",
+        "publish-config",
+        "state-tensors",
+        "state-json",
+        "summary",
+    ],
+)
 def test_an_interrupted_epoch_save_leaves_a_recoverable_run(target, monkeypatch, data, straight, tmp_path):
     out = tmp_path / "run"
     fired = _raise_once_on(monkeypatch, target)
@@ -425,7 +505,9 @@ def test_an_interrupted_epoch_save_leaves_a_recoverable_run(target, monkeypatch,
     finetune(data["train"], out, "toyworld", options=TrainOptions(**OPTIONS), resume=True, show_progress_bar=False)
     assert_same_weights(weights(out), straight["train"])
     assert_same_weights(weights(checkpoints / "epoch_2"), straight["train"])
-    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(["epoch_1", "epoch_2", "state.json", _tensor_name(out)])
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(
+        ["epoch_1", "epoch_2", "state.json", _tensor_name(out)]
+    )
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
@@ -436,7 +518,9 @@ def test_leftovers_of_a_killed_save_are_removed_on_resume(data, run_copy, straig
     (checkpoints / "state-0123456789abcdef.safetensors").write_bytes(b"stale")
     (checkpoints / ".state.json.4242.tmp").write_text("{")
     finetune(data["train"], run_copy, "toyworld", options=TrainOptions(**OPTIONS), resume=True, show_progress_bar=False)
-    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(["epoch_1", "epoch_2", "state.json", _tensor_name(run_copy)])
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(
+        ["epoch_1", "epoch_2", "state.json", _tensor_name(run_copy)]
+    )
     assert_same_weights(weights(run_copy), straight["train"])
 
 
@@ -448,8 +532,13 @@ def test_a_library_call_from_another_thread_still_trains(data, tmp_path):
 
     def work():
         try:
-            finetune(data["train"], tmp_path / "out", "toyworld", options=TrainOptions(**{**OPTIONS, "epochs": 1}),
-                     show_progress_bar=False)
+            finetune(
+                data["train"],
+                tmp_path / "out",
+                "toyworld",
+                options=TrainOptions(**{**OPTIONS, "epochs": 1}),
+                show_progress_bar=False,
+            )
         except (RetrieverError, ValueError) as e:  # ValueError: signal.signal outside the main thread
             errors.append(e)
 
@@ -457,4 +546,3 @@ def test_a_library_call_from_another_thread_still_trains(data, tmp_path):
     thread.start()
     thread.join()
     assert not errors and (tmp_path / "out" / "open_clip_model.safetensors").is_file()
-

@@ -97,12 +97,16 @@ class FakeFaissGpu(types.ModuleType):
             needed = index.pq.M * (1 << index.pq.nbits) * (2 if fp16 else 4)
             if needed > 48 * 1024:
                 self.refused.append(name)
-                raise RuntimeError(f"Error in faiss::gpu::GpuIndexIVFPQ::verifySettings_: Device 0 has 49152 bytes "
-                                   f"of shared memory, while 8 bits per code and {index.pq.M} sub-quantizers requires "
-                                   f"{needed} bytes. Consider useFloat16LookupTables and/or reduce parameters")
+                raise RuntimeError(
+                    f"Error in faiss::gpu::GpuIndexIVFPQ::verifySettings_: Device 0 has 49152 bytes "
+                    f"of shared memory, while 8 bits per code and {index.pq.M} sub-quantizers requires "
+                    f"{needed} bytes. Consider useFloat16LookupTables and/or reduce parameters"
+                )
         else:
             self.refused.append(name)
-            raise RuntimeError(f"Error in faiss::gpu::index_cpu_to_gpu: This index type is not implemented on GPU ({name})")
+            raise RuntimeError(
+                f"Error in faiss::gpu::index_cpu_to_gpu: This index type is not implemented on GPU ({name})"
+            )
         gpu = FakeGpuIndex(self, original, kind, fp16)
         self.cloned.append(gpu)
         return gpu

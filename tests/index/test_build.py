@@ -77,8 +77,21 @@ def test_kill_9_mid_build_then_resume(toy_model, tmp_path):
     rng = np.random.default_rng(0)
     corpus.write_text("\n".join(" ".join(rng.choice(words, size=6)) + f" {i}" for i in range(60_000)) + "\n")
     out = tmp_path / "idx"
-    cmd = [sys.executable, "-m", "retriever", "build-index", str(corpus), "--model", "toyworld",
-           "--out", str(out), "--chunk-size", "2000", "--quiet", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "retriever",
+        "build-index",
+        str(corpus),
+        "--model",
+        "toyworld",
+        "--out",
+        str(out),
+        "--chunk-size",
+        "2000",
+        "--quiet",
+        "--json",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     building = tmp_path / ".idx.building"

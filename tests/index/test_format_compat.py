@@ -26,7 +26,8 @@ CAPTIONS = [line.split("\t")[0] for line in (DATA / "format1_corpus.tsv").read_t
 
 def test_the_current_format_has_a_committed_index():
     assert DATA / f"index-format-{FORMAT_VERSION}" in COMMITTED, (
-        f"FORMAT_VERSION is {FORMAT_VERSION}: commit tests/data/index-format-{FORMAT_VERSION} (see this module's docstring)")
+        f"FORMAT_VERSION is {FORMAT_VERSION}: commit tests/data/index-format-{FORMAT_VERSION} (see this module's docstring)"
+    )
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=[p.name for p in COMMITTED])

@@ -37,8 +37,11 @@ def built(tmp_path_factory, toy_model):
     xb = np.load(flat / "vectors.f16.npy").astype(np.float32)
     texts = pq.read_table(flat / "texts.parquet")
     out = {"flat": flat}
-    for kind, factory, params in (("ivf", "IVF16,Flat", {"nprobe": 4}), ("hnsw", "HNSW16,Flat", {"efSearch": 32}),
-                                  ("ivfpq", "IVF16,PQ64x8", {"nprobe": 4})):
+    for kind, factory, params in (
+        ("ivf", "IVF16,Flat", {"nprobe": 4}),
+        ("hnsw", "HNSW16,Flat", {"efSearch": 32}),
+        ("ivfpq", "IVF16,PQ64x8", {"nprobe": 4}),
+    ):
         index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
         index.train(xb)
         index.add(xb)

@@ -65,10 +65,19 @@ def _same_index(a, b, vectors_equal=True):
 def test_merged_on_disk_ivf_answers_like_the_in_memory_one(toy_model, ivf_corpus, tmp_path, ray_cluster):
     import faiss
 
-    local = build_index(ivf_corpus, tmp_path / "local", toy_model, chunk_size=300, index_type="ivf",
-                        show_progress_bar=False)
-    result = build_index(ivf_corpus, tmp_path / "ray", toy_model, chunk_size=300, index_type="ivf",
-                         show_progress_bar=False, engine="ray", ray=_ray())
+    local = build_index(
+        ivf_corpus, tmp_path / "local", toy_model, chunk_size=300, index_type="ivf", show_progress_bar=False
+    )
+    result = build_index(
+        ivf_corpus,
+        tmp_path / "ray",
+        toy_model,
+        chunk_size=300,
+        index_type="ivf",
+        show_progress_bar=False,
+        engine="ray",
+        ray=_ray(),
+    )
     A, B, xq = _same_index(result.path, local.path)
     assert A.manifest["format_version"] == 2 and "index.ivfdata" in A.manifest["files"]
     assert not B.manifest.get("files", {}).get("index.ivfdata")
@@ -95,16 +104,19 @@ def test_merged_on_disk_ivf_answers_like_the_in_memory_one(toy_model, ivf_corpus
 @pytest.fixture(scope="module")
 def local_toy(toy_model, toy_corpus, tmp_path_factory):
     """The single-process build every distributed one must equal."""
-    return build_index(toy_corpus, tmp_path_factory.mktemp("local") / "toy", toy_model, chunk_size=64,
-                       show_progress_bar=False)
+    return build_index(
+        toy_corpus, tmp_path_factory.mktemp("local") / "toy", toy_model, chunk_size=64, show_progress_bar=False
+    )
 
 
-def test_ray_build_matches_the_local_one_after_a_killed_worker(toy_model, toy_corpus, local_toy, tmp_path,
-                                                               ray_cluster, monkeypatch):
+def test_ray_build_matches_the_local_one_after_a_killed_worker(
+    toy_model, toy_corpus, local_toy, tmp_path, ray_cluster, monkeypatch
+):
     marker = tmp_path / "killed"
     monkeypatch.setenv("RETRIEVER_TEST_KILL_WORKER", f"2:{marker}")  # SIGKILL, mid-shard, once
-    result = build_index(toy_corpus, tmp_path / "ray", toy_model, chunk_size=64, show_progress_bar=False,
-                         engine="ray", ray=_ray())
+    result = build_index(
+        toy_corpus, tmp_path / "ray", toy_model, chunk_size=64, show_progress_bar=False, engine="ray", ray=_ray()
+    )
     assert int(marker.read_text()) != os.getpid()  # a real worker process died (Ray restarted it)
     assert result.embedded == 256 and result.report.as_dict() == local_toy.report.as_dict()
     A, B, xq = _same_index(result.path, local_toy.path)
@@ -120,16 +132,36 @@ def test_a_worker_with_other_weights_is_a_one_line_error(toy_model, toy_corpus, 
 
     driver = dataclasses.replace(toy_model, fingerprint="sha256:" + "0" * 64)  # as if the nodes' weights differed
     with pytest.raises(RetrieverError) as caught:
-        build_index(toy_corpus, tmp_path / "idx", driver, chunk_size=64, show_progress_bar=False, engine="ray",
-                    ray=_ray(workers=1))
+        build_index(
+            toy_corpus,
+            tmp_path / "idx",
+            driver,
+            chunk_size=64,
+            show_progress_bar=False,
+            engine="ray",
+            ray=_ray(workers=1),
+        )
     message = str(caught.value)
     assert "install the same weights on every node" in message and "\n" not in message
     assert not (tmp_path / "idx").exists()
 
 
 def _cli(*args, env=None, address=None):
-    command = [sys.executable, "-m", "retriever", "build-index", *args, "--model", "toyworld", "--engine", "ray",
-               "--workers", "2", "--json", "-q"]
+    command = [
+        sys.executable,
+        "-m",
+        "retriever",
+        "build-index",
+        *args,
+        "--model",
+        "toyworld",
+        "--engine",
+        "ray",
+        "--workers",
+        "2",
+        "--json",
+        "-q",
+    ]
     if address:
         command += ["--ray-address", address]
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
@@ -165,9 +197,21 @@ def test_a_ray_start_head_cluster_is_reached_by_address(toy_corpus, tmp_path, ra
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             "--include-dashboard=false", "--disable-usage-stats"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -192,8 +236,9 @@ def test_a_ray_start_head_cluster_is_reached_by_address(toy_corpus, tmp_path, ra
 
 def test_without_ray_the_error_is_one_line_naming_the_extra(run, toy_corpus, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
-    result = run("build-index", str(toy_corpus), "--model", "toyworld", "--out", str(tmp_path / "idx"),
-                 "--engine", "ray")
+    result = run(
+        "build-index", str(toy_corpus), "--model", "toyworld", "--out", str(tmp_path / "idx"), "--engine", "ray"
+    )
     assert result.exit_code == 1
     message = result.stderr.strip()
     assert "retriever[ray]" in message and len(message.splitlines()) == 1 and "Traceback" not in message
@@ -206,20 +251,30 @@ def test_an_unreachable_cluster_is_one_line(run, toy_corpus, tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = run("build-index", str(toy_corpus), "--model", "toyworld", "--out", str(tmp_path / "idx"),
-                 "--engine", "ray", "--ray-address", f"127.0.0.1:{port}")
+    result = run(
+        "build-index",
+        str(toy_corpus),
+        "--model",
+        "toyworld",
+        "--out",
+        str(tmp_path / "idx"),
+        "--engine",
+        "ray",
+        "--ray-address",
+        f"127.0.0.1:{port}",
+    )
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in result.stderr.strip().splitlines()[-1]
 
 
 def test_ray_options_need_the_ray_engine(run, toy_corpus, tmp_path):
-    result = run("build-index", str(toy_corpus), "--model", "toyworld", "--out", str(tmp_path / "idx"),
-                 "--workers", "2")
+    result = run(
+        "build-index", str(toy_corpus), "--model", "toyworld", "--out", str(tmp_path / "idx"), "--workers", "2"
+    )
     assert result.exit_code == 1 and "--engine ray" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_ray_is_imported_only_by_the_ray_engine():
-    code = ("import sys, retriever.index.build, retriever.index.distributed, retriever.cli; "
-            "print('ray' in sys.modules)")
+    code = "import sys, retriever.index.build, retriever.index.distributed, retriever.cli; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"

@@ -12,8 +12,16 @@ import numpy as np
 from PIL import Image
 
 SIDE = 64
-PALETTE = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (240, 210, 50),
-           "purple": (130, 50, 160), "orange": (240, 130, 40), "white": (245, 245, 245), "black": (20, 20, 20)}
+PALETTE = {
+    "red": (200, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 200),
+    "yellow": (240, 210, 50),
+    "purple": (130, 50, 160),
+    "orange": (240, 130, 40),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
 CENTRES = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48)}
 RADII = {"small": 4.5, "large": 10.0}  # smaller small shapes than the project's renderer
 
@@ -35,7 +43,7 @@ def _inside(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
     outer, inner = r * 1.3, r * 1.3 * 0.45
     sector = np.mod(angle, 2 * np.pi / 5)
     t = np.abs(sector - np.pi / 5) / (np.pi / 5)  # 1 at a point, 0 between points
-    return dist <= inner + (outer - inner) * t ** 1.6
+    return dist <= inner + (outer - inner) * t**1.6
 
 
 def render(size: str, colour: str, shape: str, position: str, rng: np.random.Generator) -> Image.Image:

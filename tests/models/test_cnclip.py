@@ -13,15 +13,46 @@ from retriever.models.encoder import Encoder
 from retriever.models.loading import load_model
 from retriever.models.wordpiece import WordPieceTokenizer
 
-TEXTS = ["左边有一个大的红色五角星", "一只猫坐在窗台上，阳光很好。", "Ａｂｃ　全角 and half-width abc", "Café naïve 😀",
-         "中文，标点。“引号”【括号】", "x" * 300, "長" * 80, ""]
-REFERENCE_EXTRA = {"text_attention_probs_dropout_prob": 0.1, "text_hidden_act": "gelu", "text_hidden_dropout_prob": 0.1,
-                   "text_initializer_range": 0.02}
-TINY_VIT = {"embed_dim": 32, "image_resolution": 32, "vision_layers": 2, "vision_width": 64, "vision_patch_size": 8,
-            "vision_head_width": 32}
-TINY_RN = {"embed_dim": 512, "image_resolution": 64, "vision_layers": [1, 1, 1, 1], "vision_width": 16, "vision_patch_size": None}
-TINY_BERT = {"vocab_size": 21128, "text_hidden_size": 64, "text_intermediate_size": 128, "text_max_position_embeddings": 64,
-             "text_num_attention_heads": 2, "text_num_hidden_layers": 2, "text_type_vocab_size": 2}
+TEXTS = [
+    "左边有一个大的红色五角星",
+    "一只猫坐在窗台上，阳光很好。",
+    "Ａｂｃ　全角 and half-width abc",
+    "Café naïve 😀",
+    "中文，标点。“引号”【括号】",
+    "x" * 300,
+    "長" * 80,
+    "",
+]
+REFERENCE_EXTRA = {
+    "text_attention_probs_dropout_prob": 0.1,
+    "text_hidden_act": "gelu",
+    "text_hidden_dropout_prob": 0.1,
+    "text_initializer_range": 0.02,
+}
+TINY_VIT = {
+    "embed_dim": 32,
+    "image_resolution": 32,
+    "vision_layers": 2,
+    "vision_width": 64,
+    "vision_patch_size": 8,
+    "vision_head_width": 32,
+}
+TINY_RN = {
+    "embed_dim": 512,
+    "image_resolution": 64,
+    "vision_layers": [1, 1, 1, 1],
+    "vision_width": 16,
+    "vision_patch_size": None,
+}
+TINY_BERT = {
+    "vocab_size": 21128,
+    "text_hidden_size": 64,
+    "text_intermediate_size": 128,
+    "text_max_position_embeddings": 64,
+    "text_num_attention_heads": 2,
+    "text_num_hidden_layers": 2,
+    "text_type_vocab_size": 2,
+}
 
 
 def reference_model(cfg: dict, seed: int):
@@ -52,14 +83,16 @@ def test_random_cn_clip_checkpoint_gives_cn_clips_own_vectors(tmp_path, vision):
     (tmp_path / "m").mkdir()
     torch.save({"epoch": 3, "name": "tiny", "state_dict": state}, tmp_path / "m" / "epoch_latest.pt")
     (tmp_path / "m" / "cn_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "context_length": 52}))
-    ref.load_state_dict({k[len("module."):]: v.float() for k, v in state.items()})  # the same fp16-rounded weights
+    ref.load_state_dict({k[len("module.") :]: v.float() for k, v in state.items()})  # the same fp16-rounded weights
 
     loaded = load_model(f"local-dir:{tmp_path / 'm'}", device="cpu")
     enc = Encoder(loaded)
     with torch.inference_mode():
         want_t = torch.nn.functional.normalize(ref.encode_text(cn_clip.tokenize(TEXTS)), dim=-1).numpy()
         transform = cn_clip.image_transform(cfg["image_resolution"])
-        want_i = torch.nn.functional.normalize(ref.encode_image(torch.stack([transform(im) for im in images()])), dim=-1).numpy()
+        want_i = torch.nn.functional.normalize(
+            ref.encode_image(torch.stack([transform(im) for im in images()])), dim=-1
+        ).numpy()
     got_t = enc.encode_text(TEXTS, batch_size=3)
     got_i = enc.encode_image(images())
     assert (got_t * want_t).sum(1).min() >= 0.9999
@@ -99,7 +132,10 @@ def test_released_architectures_build_from_their_configs():
     pytest.importorskip("cn_clip")
     folder = resources.files("cn_clip.clip") / "model_configs"
     for arch, (text, _, _) in cnclip.ARCHS.items():
-        want = {**json.loads((folder / f"{arch}.json").read_text()), **json.loads((folder / f"{text}.json").read_text())}
+        want = {
+            **json.loads((folder / f"{arch}.json").read_text()),
+            **json.loads((folder / f"{text}.json").read_text()),
+        }
         if isinstance(want["vision_layers"], str):
             want["vision_layers"] = json.loads(want["vision_layers"])
         got = cnclip.arch_config(arch)
@@ -118,7 +154,9 @@ def test_random_vit_b_16_matches_cn_clip_at_full_size(tmp_path):
     enc = Encoder(load_model("cn-clip:ViT-B-16", str(tmp_path / "vit-b-16.pt"), device="cpu"))
     with torch.inference_mode():
         want_t = torch.nn.functional.normalize(ref.encode_text(cn_clip.tokenize(TEXTS[:3])), dim=-1).numpy()
-        want_i = torch.nn.functional.normalize(ref.encode_image(torch.stack([cn_clip.image_transform(224)(im) for im in images(2)])), dim=-1).numpy()
+        want_i = torch.nn.functional.normalize(
+            ref.encode_image(torch.stack([cn_clip.image_transform(224)(im) for im in images(2)])), dim=-1
+        ).numpy()
     assert (enc.encode_text(TEXTS[:3]) * want_t).sum(1).min() >= 0.9999
     assert (enc.encode_image(images(2)) * want_i).sum(1).min() >= 0.9999
 

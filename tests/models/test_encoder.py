@@ -87,7 +87,9 @@ def vit_b_32_random(tmp_path_factory):
 def test_full_size_vit_b_32_matches_open_clip(vit_b_32_random):
     encoder = Encoder(vit_b_32_random)
     assert encoder.trim_padding and vit_b_32_random.context_length == 77
-    assert_rows_match(encoder.encode_text(TEXTS, batch_size=4, show_progress_bar=False), reference_text(vit_b_32_random, TEXTS))
+    assert_rows_match(
+        encoder.encode_text(TEXTS, batch_size=4, show_progress_bar=False), reference_text(vit_b_32_random, TEXTS)
+    )
     images = [im for im, _ in toyworld.sample(3, seed=4)]
     assert_rows_match(encoder.encode_image(images, show_progress_bar=False), reference_image(vit_b_32_random, images))
 

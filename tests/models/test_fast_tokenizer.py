@@ -11,25 +11,75 @@ from retriever.models import fast_tokenizer as ft  # noqa: E402
 from retriever.models.fast_tokenizer import FastClipTokenizer, fast_tokenizer, supports  # noqa: E402
 
 EDGE_CASES = [
-    "", " ", "\n\t ", "a", "A", "a photo of a cat", "  Hello   WORLD!!  ", "don't it's we're I'M they'LL",
-    "'s 't 're 've 'm 'll 'd''s '''", "x" * 500, " ".join(["word"] * 100), "supercalifragilistic" * 8,
+    "",
+    " ",
+    "\n\t ",
+    "a",
+    "A",
+    "a photo of a cat",
+    "  Hello   WORLD!!  ",
+    "don't it's we're I'M they'LL",
+    "'s 't 're 've 'm 'll 'd''s '''",
+    "x" * 500,
+    " ".join(["word"] * 100),
+    "supercalifragilistic" * 8,
     # Unicode: accents, scripts without spaces, case folding that changes length, combining marks
-    "café naïve résumé", "日本語のテキスト、句読点。", "Ελληνικά ΣΊΣΥΦΟΣ", "İstanbul ǅemal ß ẞ ﬀ",
-    "e\u0301 combining", "Привет, мир", "عربي مع أرقام ١٢٣", "हिन्दी पाठ", "한국어 텍스트", "\u0130\u0131",
+    "café naïve résumé",
+    "日本語のテキスト、句読点。",
+    "Ελληνικά ΣΊΣΥΦΟΣ",
+    "İstanbul ǅemal ß ẞ ﬀ",
+    "e\u0301 combining",
+    "Привет, мир",
+    "عربي مع أرقام ١٢٣",
+    "हिन्दी पाठ",
+    "한국어 텍스트",
+    "\u0130\u0131",
     # emoji and symbols
-    "😀 emoji 👩‍👩‍👧‍👦 family 🏳️‍🌈", "★☆✓✔ ♥", "a😀b", "™ © ® ° ± µ",
+    "😀 emoji 👩‍👩‍👧‍👦 family 🏳️‍🌈",
+    "★☆✓✔ ♥",
+    "a😀b",
+    "™ © ® ° ± µ",
     # HTML entities, once and twice escaped, and not entities at all
-    "tom &amp; jerry", "&lt;b&gt;bold&lt;/b&gt;", "&amp;lt;b&amp;gt;", "&#39;quoted&#39; &#x2019;", "AT&T", "&", "&&&",
-    "<b>tags &amp; entities</b>", "&nbsp;spaces&nbsp;", "&hellip;", "&#0; &#1; &#127; &#xD800;",
+    "tom &amp; jerry",
+    "&lt;b&gt;bold&lt;/b&gt;",
+    "&amp;lt;b&amp;gt;",
+    "&#39;quoted&#39; &#x2019;",
+    "AT&T",
+    "&",
+    "&&&",
+    "<b>tags &amp; entities</b>",
+    "&nbsp;spaces&nbsp;",
+    "&hellip;",
+    "&#0; &#1; &#127; &#xD800;",
     # ftfy fixes: mojibake, wide forms, ligatures, curly quotes, terminal escapes, controls
-    "âœ” No problems", "sÃ³ voilÃ le travail", "ＬＯＵＤ　ＮＯＩＳＥＳ", "ﬂubberiﬁc", "“curly” ‘quotes’",
-    "\x1b[31mred\x1b[0m", "bell\x07 null\x00 del\x7f", "tab\tnew\nline\r\nfeed\x0cvt\x0b", "\u2028\u2029\x85",
-    "\ufeffbom", "\u200bzero\u200cwidth\u200d", "\x1c\x1d\x1e\x1f separators", "\ud83d lone surrogate",
+    "âœ” No problems",
+    "sÃ³ voilÃ le travail",
+    "ＬＯＵＤ　ＮＯＩＳＥＳ",
+    "ﬂubberiﬁc",
+    "“curly” ‘quotes’",
+    "\x1b[31mred\x1b[0m",
+    "bell\x07 null\x00 del\x7f",
+    "tab\tnew\nline\r\nfeed\x0cvt\x0b",
+    "\u2028\u2029\x85",
+    "\ufeffbom",
+    "\u200bzero\u200cwidth\u200d",
+    "\x1c\x1d\x1e\x1f separators",
+    "\ud83d lone surrogate",
     # numbers and punctuation runs
-    "123,456.78", "2024-01-01T12:00", "...!!!???", "--==**", "@user #tag $5 %20 ^_^ ~/path",
+    "123,456.78",
+    "2024-01-01T12:00",
+    "...!!!???",
+    "--==**",
+    "@user #tag $5 %20 ^_^ ~/path",
     # special tokens named in the text
-    "<start_of_text>", "<end_of_text>", "a<start_of_text>b", "&<start_of_text>", "<START_OF_TEXT> upper",
-    "<end_of_text", "start_of_text>", "x <|endoftext|> y",
+    "<start_of_text>",
+    "<end_of_text>",
+    "a<start_of_text>b",
+    "&<start_of_text>",
+    "<START_OF_TEXT> upper",
+    "<end_of_text",
+    "start_of_text>",
+    "x <|endoftext|> y",
 ]
 
 COCO_STYLE = [
@@ -138,8 +188,9 @@ def test_random_text_matches(slow, fast):
         list("ab cd'sltrvem&;#x0123<>_of_text"),
     ]
     texts = ["".join(rng.choices(pool, k=rng.randint(0, 60))) for pool in pools for _ in range(400)]
-    texts = [t.encode("utf-8", "replace").decode("utf-8") if any(0xD800 <= ord(c) < 0xE000 for c in t) else t
-             for t in texts]
+    texts = [
+        t.encode("utf-8", "replace").decode("utf-8") if any(0xD800 <= ord(c) < 0xE000 for c in t) else t for t in texts
+    ]
     assert_same(slow, fast, texts)
     assert_same(slow, fast, texts, context_length=8)
 

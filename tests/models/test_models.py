@@ -23,7 +23,9 @@ def test_toyworld_loads_with_its_tokenizer_and_transform(toy_model):
     assert toy_model.preprocess.transforms[0].size in (64, [64], (64, 64))
 
 
-@pytest.mark.parametrize("name,pretrained", [("ViT-B-32", "laion2b_s34b_b79k"), ("hf-hub:timm/nonexistent-model", None)])
+@pytest.mark.parametrize(
+    "name,pretrained", [("ViT-B-32", "laion2b_s34b_b79k"), ("hf-hub:timm/nonexistent-model", None)]
+)
 def test_hub_download_fails_fast_offline(name, pretrained):
     import open_clip  # noqa: F401  (import time is not what this measures)
 

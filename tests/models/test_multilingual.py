@@ -18,7 +18,9 @@ def test_offline_error_is_fast_and_names_the_download():
     import open_clip  # noqa: F401
 
     start = time.perf_counter()
-    with pytest.raises(ModelError, match=r"xlm-roberta-base on the Hugging Face hub.*huggingface-cli download xlm-roberta-base"):
+    with pytest.raises(
+        ModelError, match=r"xlm-roberta-base on the Hugging Face hub.*huggingface-cli download xlm-roberta-base"
+    ):
         load_model(NAME, TAG)
     assert time.perf_counter() - start < 3.0
 
@@ -32,7 +34,20 @@ def hub_cache(tmp_path, monkeypatch):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import XLMRobertaConfig
 
-    words = ["<s>", "<pad>", "</s>", "<unk>", *"红色五角星左边有一个大的蓝圆形", "a", "red", "star", "on", "the", "left", "▁"]
+    words = [
+        "<s>",
+        "<pad>",
+        "</s>",
+        "<unk>",
+        *"红色五角星左边有一个大的蓝圆形",
+        "a",
+        "red",
+        "star",
+        "on",
+        "the",
+        "left",
+        "▁",
+    ]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     # Words of Latin letters, and each other character alone (as a Chinese character would be).
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[a-z]+|\S"), behavior="isolated")
@@ -42,11 +57,30 @@ def hub_cache(tmp_path, monkeypatch):
     (tmp_path / "models--xlm-roberta-base" / "refs").mkdir()
     (tmp_path / "models--xlm-roberta-base" / "refs" / "main").write_text("0123abc")
     tok.save(str(snapshot / "tokenizer.json"))
-    (snapshot / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "XLMRobertaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-        "unk_token": "<unk>", "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<unk>", "model_max_length": 77}))
-    XLMRobertaConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=80, pad_token_id=1).save_pretrained(snapshot)
+    (snapshot / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "XLMRobertaTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "cls_token": "<s>",
+                "sep_token": "</s>",
+                "mask_token": "<unk>",
+                "model_max_length": 77,
+            }
+        )
+    )
+    XLMRobertaConfig(
+        vocab_size=len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=80,
+        pad_token_id=1,
+    ).save_pretrained(snapshot)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     return snapshot
 

@@ -49,8 +49,10 @@ def table_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def toy_tables(toy_model, table_root):
     lists = {"colours": COLOUR_LABELS, "shapes": SHAPE_LABELS, "flavors": read_list(data_dir() / "flavors.txt")[:100]}
-    return [load_table(name, ensure_table(name, labels, toy_model, table_root, show_progress_bar=False).path, toy_model)
-            for name, labels in lists.items()]
+    return [
+        load_table(name, ensure_table(name, labels, toy_model, table_root, show_progress_bar=False).path, toy_model)
+        for name, labels in lists.items()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +167,19 @@ def test_chain_never_exceeds_the_context(interrogator, large_images):
 def classic_tables(toy_model, table_root):
     """Small versions of clip-interrogator's tables, under its names."""
     artists = read_list(data_dir() / "artists.txt")[:30]
-    lists = {"mediums": builtin_labels("mediums"), "artists": [f"by {a}" for a in artists],
-             "trendings": builtin_labels("trendings"), "movements": builtin_labels("movements"),
-             "flavors": read_list(data_dir() / "flavors.txt")[:100]}
-    return {name: load_table(name, ensure_table(name, labels, toy_model, table_root, show_progress_bar=False).path, toy_model)
-            for name, labels in lists.items()}
+    lists = {
+        "mediums": builtin_labels("mediums"),
+        "artists": [f"by {a}" for a in artists],
+        "trendings": builtin_labels("trendings"),
+        "movements": builtin_labels("movements"),
+        "flavors": read_list(data_dir() / "flavors.txt")[:100],
+    }
+    return {
+        name: load_table(
+            name, ensure_table(name, labels, toy_model, table_root, show_progress_bar=False).path, toy_model
+        )
+        for name, labels in lists.items()
+    }
 
 
 def test_classic_prompt_format(toy_model, classic_tables, large_images):
@@ -181,7 +191,7 @@ def test_classic_prompt_format(toy_model, classic_tables, large_images):
     full = f"a photo, {medium} {artist}, {trending}, {movement}, {', '.join(flavors)}"
     result = it.interrogate(large_images[0][0], mode="classic", caption="a photo")
     assert full.startswith(result.prompt) and it.fits(result.prompt)
-    rest = full[len(result.prompt):]
+    rest = full[len(result.prompt) :]
     assert rest == "" or (rest.startswith(", ") and not it.fits(result.prompt + ", " + rest[2:].split(", ")[0]))
     assert result.terms["mediums"][0]["text"] == medium and result.terms["artists"][0]["text"] == artist
     # A caption that already names the medium gets the artist straight after it.
@@ -194,7 +204,10 @@ def test_best_keeps_the_most_similar_candidate(toy_model, classic_tables, large_
     path = large_images[1][0]
     best = it.interrogate(path, mode="best", caption="a photo")
     # best's candidates: the caption alone, fast and classic (both with best's 32 terms), and the chain.
-    candidates = [it.interrogate(path, mode=m, caption="a photo", max_flavors=n) for m, n in (("fast", 0), ("fast", 32), ("classic", 32))]
+    candidates = [
+        it.interrogate(path, mode=m, caption="a photo", max_flavors=n)
+        for m, n in (("fast", 0), ("fast", 32), ("classic", 32))
+    ]
     assert candidates[0].prompt == "a photo"
     assert best.similarity >= max(c.similarity for c in candidates) - 1e-5
     assert best.prompt.startswith("a photo")
@@ -203,10 +216,14 @@ def test_best_keeps_the_most_similar_candidate(toy_model, classic_tables, large_
 def test_builtin_tables_are_formed_like_clip_interrogator():
     raw = read_list(data_dir() / "artists.txt")
     artists = builtin_labels("artists")
-    assert len(artists) == 2 * len(raw) and artists[0] == f"by {raw[0]}" and artists[len(raw)] == f"inspired by {raw[0]}"
+    assert (
+        len(artists) == 2 * len(raw) and artists[0] == f"by {raw[0]}" and artists[len(raw)] == f"inspired by {raw[0]}"
+    )
     trendings = builtin_labels("trendings")
     assert len(trendings) == 72
-    assert {"Artstation", "trending on Artstation", "featured on pixiv", "zbrush central contest winner"} <= set(trendings)
+    assert {"Artstation", "trending on Artstation", "featured on pixiv", "zbrush central contest winner"} <= set(
+        trendings
+    )
     assert len(builtin_labels("flavors")) > 100_000
     assert parse_builtin("all") == BUILTIN_TABLES and parse_builtin("none") == ()
     assert parse_builtin("mediums, movements") == ("mediums", "movements")
@@ -233,7 +250,9 @@ def test_tables_are_cached_per_model_and_list(toy_model, private_cache):
     second = ensure_builtin_tables(toy_model, ["mediums", "movements"], show_progress_bar=False)
     assert [s.built for s in second] == [False, False] and [s.path for s in second] == [s.path for s in first]
     assert [s.count for s in second] == [len(builtin_labels("mediums")), len(builtin_labels("movements"))]
-    assert stamps == [((s.path / "index.faiss").stat().st_mtime_ns, (s.path / "manifest.json").read_text()) for s in second]
+    assert stamps == [
+        ((s.path / "index.faiss").stat().st_mtime_ns, (s.path / "manifest.json").read_text()) for s in second
+    ]
     assert time.perf_counter() - start < 1.0
     # Another list under the same name is another entry.
     changed = ensure_table("mediums", builtin_labels("mediums")[:10], toy_model, show_progress_bar=False)
@@ -257,8 +276,9 @@ def coca_colours(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("coca")
     (root / "colours.txt").write_text("\n".join(COLOUR_LABELS) + "\n")
-    return build_index(root / "colours.txt", root / "colours", load_model("toyworld-coca", device="cpu"),
-                       show_progress_bar=False).path
+    return build_index(
+        root / "colours.txt", root / "colours", load_model("toyworld-coca", device="cpu"), show_progress_bar=False
+    ).path
 
 
 def test_table_from_another_model_is_an_error(toy_model, coca_colours):
@@ -273,8 +293,18 @@ def test_cli_json_schema_with_generated_caption(run, tmp_path, toy_images, priva
     colours = tmp_path / "colours.txt"
     colours.write_text("\n".join(COLOUR_LABELS) + "\n")
     paths = [p for p, _ in toy_images[:2]]
-    result = run("interrogate", *paths, *TOY, "--table", f"colours={colours}", "--caption-model", "toyworld-coca",
-                 "--mode", "fast", "--json")
+    result = run(
+        "interrogate",
+        *paths,
+        *TOY,
+        "--table",
+        f"colours={colours}",
+        "--caption-model",
+        "toyworld-coca",
+        "--mode",
+        "fast",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert "embedding the mediums table (95 labels)" in result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -289,7 +319,9 @@ def test_cli_json_schema_with_generated_caption(run, tmp_path, toy_images, priva
     # Tables are now cached: the second run embeds nothing.
     stamp = {p: p.stat().st_mtime_ns for p in private_cache.rglob("index.faiss")}
     assert len(stamp) == 3
-    again = run("interrogate", paths[0], *TOY, "--table", f"colours={colours}", "--caption", "a photo", "--mode", "classic")
+    again = run(
+        "interrogate", paths[0], *TOY, "--table", f"colours={colours}", "--caption", "a photo", "--mode", "classic"
+    )
     assert again.exit_code == 0 and "embedding" not in again.stderr
     assert again.stdout.startswith("a photo, ") and again.stdout.count("\n") == 1
     assert stamp == {p: p.stat().st_mtime_ns for p in private_cache.rglob("index.faiss")}
@@ -322,8 +354,11 @@ def test_cli_table_from_another_model_is_a_clear_error(run, toy_images, coca_col
 
 def test_cli_usage_errors(run, toy_images, tmp_path):
     image = toy_images[0][0]
-    for args, hint in ((("--mode", "weird"), "--mode"), (("--caption", "x", "--no-caption"), "--caption-model"),
-                       (("--table", "nopath"), "--table")):
+    for args, hint in (
+        (("--mode", "weird"), "--mode"),
+        (("--caption", "x", "--no-caption"), "--caption-model"),
+        (("--table", "nopath"), "--table"),
+    ):
         result = run("interrogate", image, *TOY, *args)
         assert result.exit_code == 2 and hint in result.output
     result = run("interrogate", image, *TOY, "--no-caption", "--table", f"colours={tmp_path / 'missing'}")

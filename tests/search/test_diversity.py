@@ -16,9 +16,11 @@ def unit(rng, n, d=16):
 def reference_mmr(scores, xb, k, lam):
     picked, rest = [], list(range(len(scores)))
     while rest and len(picked) < k:
+
         def value(i):
             penalty = max((float(xb[i] @ xb[j]) for j in picked), default=0.0)
             return (1 - lam) * scores[i] - lam * penalty if picked else scores[i]
+
         best = max(rest, key=value)
         picked.append(best)
         rest.remove(best)
@@ -83,10 +85,17 @@ def test_collapse_keeps_the_best_of_each_group():
     assert len(collapse_near_duplicates(scores, xb, 1.01)) == 15  # above any cosine: nothing collapses
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("film noir", ("film noir", 1.0)), ("autumn:0.5", ("autumn", 0.5)), ("a.jpg:2", ("a.jpg", 2.0)),
-    ("photo: film noir", ("photo: film noir", 1.0)), ("at 12:30", ("at 12", 30.0)), (" x :1e-1", ("x", 0.1)),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("film noir", ("film noir", 1.0)),
+        ("autumn:0.5", ("autumn", 0.5)),
+        ("a.jpg:2", ("a.jpg", 2.0)),
+        ("photo: film noir", ("photo: film noir", 1.0)),
+        ("at 12:30", ("at 12", 30.0)),
+        (" x :1e-1", ("x", 0.1)),
+    ],
+)
 def test_parse_weighted(spec, expected):
     assert parse_weighted(spec) == expected
 

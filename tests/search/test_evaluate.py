@@ -70,9 +70,10 @@ def test_recall_equals_clip_benchmark(unique_pairs, toy_model):
     ours = evaluate(Retriever.open(unique_pairs / "idx", device="cpu"), pairs, k=10).retrieval
 
     images = torch.stack([toy_model.preprocess(Image.open(p).convert("RGB")) for p in pairs.images])
-    loader = [(images[i:i + 16], [[c] for c in pairs.captions[i:i + 16]]) for i in range(0, len(images), 16)]
-    theirs = zeroshot_retrieval.evaluate(toy_model.model, loader, toy_model.tokenizer, "cpu", amp=False,
-                                         recall_k_list=[1, 5, 10])
+    loader = [(images[i : i + 16], [[c] for c in pairs.captions[i : i + 16]]) for i in range(0, len(images), 16)]
+    theirs = zeroshot_retrieval.evaluate(
+        toy_model.model, loader, toy_model.tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10]
+    )
     for k in (1, 5, 10):
         assert ours[f"image_to_text_recall@{k}"] == pytest.approx(theirs[f"text_retrieval_recall@{k}"])
         assert ours[f"text_to_image_recall@{k}"] == pytest.approx(theirs[f"image_retrieval_recall@{k}"])

@@ -12,14 +12,16 @@ def table():
     rng = np.random.default_rng(0)
     n = 500
     texts = [" ".join(["word"] * int(rng.integers(1, 20))) + (" cat" if rng.random() < 0.3 else "") for _ in range(n)]
-    return pa.table({
-        "id": np.arange(n),
-        "text": texts,
-        "source": rng.choice(["coco", "sd", "own"], n),
-        "lang": [None if rng.random() < 0.1 else str(v) for v in rng.choice(["en", "zh", "de"], n)],
-        "score": rng.random(n),
-        "n": rng.integers(0, 100, n),
-    })
+    return pa.table(
+        {
+            "id": np.arange(n),
+            "text": texts,
+            "source": rng.choice(["coco", "sd", "own"], n),
+            "lang": [None if rng.random() < 0.1 else str(v) for v in rng.choice(["en", "zh", "de"], n)],
+            "score": rng.random(n),
+            "n": rng.integers(0, 100, n),
+        }
+    )
 
 
 def rows(table):
@@ -34,8 +36,10 @@ CASES = [
     ('text contains "cat"', lambda r: "cat" in r["text"]),
     ("n >= 50 and score < 0.5", lambda r: r["n"] >= 50 and r["score"] < 0.5),
     ('not (source = "coco") or n = 3', lambda r: r["source"] != "coco" or r["n"] == 3),
-    ('source != "own" and (lang = "de" or len > 80)',
-     lambda r: r["source"] != "own" and (r["lang"] == "de" or len(r["text"]) > 80)),
+    (
+        'source != "own" and (lang = "de" or len > 80)',
+        lambda r: r["source"] != "own" and (r["lang"] == "de" or len(r["text"]) > 80),
+    ),
     ("lang = null", lambda r: r["lang"] is None),
     ("lang != null", lambda r: r["lang"] is not None),
     ('lang != "en"', lambda r: r["lang"] is not None and r["lang"] != "en"),  # missing never matches
@@ -49,23 +53,30 @@ def test_matches_plain_python(table, expression, expected):
     assert mask.tolist() == [bool(expected(r)) for r in rows(table)]
 
 
-@pytest.mark.parametrize("expression, message", [
-    ("", "empty"),
-    ("source =", "expected a value"),
-    ('source = "coco" and', "expected a column name"),
-    ('(source = "coco"', "expected ')'"),
-    ('source ~ "x"', "unexpected"),
-    ("__import__('os').system('true')", "unexpected"),
-    ("nope = 1", "no column 'nope'"),
-    ('n < "abc"', "cannot compare"),
-    ("n contains 3", "quoted string"),
-    ("(" * 60 + "n = 1" + ")" * 60, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "expression, message",
+    [
+        ("", "empty"),
+        ("source =", "expected a value"),
+        ('source = "coco" and', "expected a column name"),
+        ('(source = "coco"', "expected ')'"),
+        ('source ~ "x"', "unexpected"),
+        ("__import__('os').system('true')", "unexpected"),
+        ("nope = 1", "no column 'nope'"),
+        ('n < "abc"', "cannot compare"),
+        ("n contains 3", "quoted string"),
+        ("(" * 60 + "n = 1" + ")" * 60, "nested too deeply"),
+    ],
+)
 def test_errors_say_where(table, expression, message):
     with pytest.raises(FilterError, match=message.replace("(", r"\(").replace(")", r"\)")):
         where_mask(table, expression)
 
 
 def test_tree_shape_and_precedence():
-    assert parse_where("a = 1 or b = 2 and not c = 3") == ("or", ("==", "a", 1), ("and", ("==", "b", 2), ("not", ("==", "c", 3))))
+    assert parse_where("a = 1 or b = 2 and not c = 3") == (
+        "or",
+        ("==", "a", 1),
+        ("and", ("==", "b", 2), ("not", ("==", "c", 3))),
+    )
     assert parse_where('t contains "say \\"hi\\""') == ("contains", "t", 'say "hi"')

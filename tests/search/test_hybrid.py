@@ -93,18 +93,39 @@ def test_cli_generate_hybrid_and_caption(tmp_path, partial_index, heldout):
     runner = CliRunner()
     star = next(p for p in heldout if MISSING_SHAPE in p[1])
     (path,) = _write(tmp_path, [star])
-    result = runner.invoke(app, ["query", str(path), "--mode", "hybrid", "--generator", "toyworld-coca",
-                                 "--index", str(partial_index), "-k", "3", "--json"], catch_exceptions=False)
+    result = runner.invoke(
+        app,
+        [
+            "query",
+            str(path),
+            "--mode",
+            "hybrid",
+            "--generator",
+            "toyworld-coca",
+            "--index",
+            str(partial_index),
+            "-k",
+            "3",
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     first = json.loads(result.stdout.splitlines()[0])
     assert first["text"] == star[1] and first["source"] == "generated" and first["id"] is None
-    result = runner.invoke(app, ["caption", str(path), str(tmp_path / "missing.png"), "--generator", "toyworld-coca",
-                                 "--beams", "4", "--json"], catch_exceptions=False)
+    result = runner.invoke(
+        app,
+        ["caption", str(path), str(tmp_path / "missing.png"), "--generator", "toyworld-coca", "--beams", "4", "--json"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 1 and "missing.png" in result.stderr
     line = json.loads(result.stdout)
     assert line["text"] == star[1] and line["image"] == str(path)
-    result = runner.invoke(app, ["query", str(path), "--mode", "generate", "--generator", "toyworld-coca",
-                                 "--decoding", "greedy"], catch_exceptions=False)
+    result = runner.invoke(
+        app,
+        ["query", str(path), "--mode", "generate", "--generator", "toyworld-coca", "--decoding", "greedy"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0 and star[1] in result.stdout and "generated" in result.stdout
 
 

@@ -45,8 +45,11 @@ def queries(toy_model):
 
 
 def brute_vectors(index):
-    return index.faiss_index.reconstruct_n(0, len(index)) if "IVF" not in index.manifest["faiss_factory"] \
+    return (
+        index.faiss_index.reconstruct_n(0, len(index))
+        if "IVF" not in index.manifest["faiss_factory"]
         else exact_vectors(index, np.arange(len(index)))
+    )
 
 
 def test_plain_options_return_the_nearest(indexes, queries):
@@ -121,8 +124,15 @@ def test_approximate_index_without_vectors_says_what_it_needs(indexes, queries, 
             (tmp_path / "kept.npy").rename(vectors)
 
 
-@pytest.mark.parametrize("options", [ResultOptions(diversity=1.5), ResultOptions(dedupe=0.0),
-                                     ResultOptions(fetch_k=0), ResultOptions(diversity=float("nan"))])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ResultOptions(diversity=1.5),
+        ResultOptions(dedupe=0.0),
+        ResultOptions(fetch_k=0),
+        ResultOptions(diversity=float("nan")),
+    ],
+)
 def test_bad_options(indexes, queries, options):
     with pytest.raises(RetrieverError):
         search_index(indexes["flat"], queries, 10, options)

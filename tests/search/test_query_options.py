@@ -42,8 +42,10 @@ def test_where_keeps_only_matching_rows(retriever, red_star):
     hits = retriever.query(red_star, k=5, where='shape = "circle"')
     assert len(hits) == 5 and all(h.metadata["shape"] == "circle" for h in hits)
     assert hits[0].text == "a large red circle on the left"
-    assert retriever.query(red_star, k=5, where='shape = "circle" and colour = "red" and len <= 30')[0].text \
+    assert (
+        retriever.query(red_star, k=5, where='shape = "circle" and colour = "red" and len <= 30')[0].text
         == "a large red circle on the left"
+    )
 
 
 def test_minus_pushes_away_and_plus_pushes_towards(retriever, red_star):
@@ -106,20 +108,40 @@ def test_an_index_of_another_model_is_refused(toy_index, tmp_path):
         Retriever.open([toy_index, other], device="cpu")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"diversity": 2.0}, "diversity"), ({"dedupe": 0.0}, "dedupe"), ({"where": "nope = 1"}, "no column"),
-    ({"plus": [":0.5"]}, "empty modifier"), ({"text": "  "}, "empty"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"diversity": 2.0}, "diversity"),
+        ({"dedupe": 0.0}, "dedupe"),
+        ({"where": "nope = 1"}, "no column"),
+        ({"plus": [":0.5"]}, "empty modifier"),
+        ({"text": "  "}, "empty"),
+    ],
+)
 def test_bad_options_are_clear(retriever, red_star, kwargs, message):
     with pytest.raises(RetrieverError, match=message):
         retriever.query(red_star, k=3, **kwargs)
 
 
 def test_cli_steering_filter_and_diversity(run, toy_index, red_star):
-    result = run("query", red_star, "--index", toy_index, "-k", "3", "--plus", "a large blue star on the left:2", "--json")
+    result = run(
+        "query", red_star, "--index", toy_index, "-k", "3", "--plus", "a large blue star on the left:2", "--json"
+    )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[0])["text"] == "a large blue star on the left"
-    result = run("query", red_star, "--index", toy_index, "-k", "4", "--where", 'shape = "square"', "--diversity", "0.5", "--json")
+    result = run(
+        "query",
+        red_star,
+        "--index",
+        toy_index,
+        "-k",
+        "4",
+        "--where",
+        'shape = "square"',
+        "--diversity",
+        "0.5",
+        "--json",
+    )
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 4 and all(r["metadata"]["shape"] == "square" for r in rows)
     assert rows[0]["text"] == "a large red square on the left"
@@ -138,16 +160,32 @@ def test_cli_like_blend_and_several_indexes(run, toy_index, second_index, red_st
     result = run("query", f"{red_star}:1", f"{blue}:0.0001", "--blend", "--index", toy_index, "-k", "1", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["text"] == "a large red star on the left"
-    result = run("query", "--text", "my own line about a red star", "--index", toy_index, "--index", second_index,
-                 "-k", "2", "--json")
+    result = run(
+        "query",
+        "--text",
+        "my own line about a red star",
+        "--index",
+        toy_index,
+        "--index",
+        second_index,
+        "-k",
+        "2",
+        "--json",
+    )
     first = json.loads(result.stdout.splitlines()[0])
     assert first["text"] == "my own line about a red star" and first["index"] == second_index.name
 
 
-@pytest.mark.parametrize("args, hint", [
-    (["--dedupe", "2"], "--dedupe"), (["--dedupe", "lots"], "--dedupe"), (["--blend"], "--blend"),
-    (["--like", "1"], "--like"), (["--diversity", "1.5"], "--diversity"),
-])
+@pytest.mark.parametrize(
+    "args, hint",
+    [
+        (["--dedupe", "2"], "--dedupe"),
+        (["--dedupe", "lots"], "--dedupe"),
+        (["--blend"], "--blend"),
+        (["--like", "1"], "--like"),
+        (["--diversity", "1.5"], "--diversity"),
+    ],
+)
 def test_cli_usage_errors(run, toy_index, red_star, args, hint):
     result = run("query", red_star, "--index", toy_index, *args)
     assert result.exit_code == 2 and hint in result.stderr
@@ -157,11 +195,15 @@ def test_cli_dedupe_off_keeps_near_copies(run, tmp_path, toy_model):
     from retriever.index.build import build_index
 
     corpus = tmp_path / "c.txt"
-    corpus.write_text("a large red star on the left\na large red star on the left side\na large red star to the left\n"
-                      "a small blue circle on the top\n")
+    corpus.write_text(
+        "a large red star on the left\na large red star on the left side\na large red star to the left\n"
+        "a small blue circle on the top\n"
+    )
     build_index(corpus, tmp_path / "i", toy_model, show_progress_bar=False)
     image = tmp_path / "s.png"
     toyworld.render(toyworld.Scene("large", "red", "star", "left"), seed=1).save(image)
-    collapsed = run("query", image, "--index", tmp_path / "i", "-k", "4", "--dedupe", "0.9", "--json").stdout.splitlines()
+    collapsed = run(
+        "query", image, "--index", tmp_path / "i", "-k", "4", "--dedupe", "0.9", "--json"
+    ).stdout.splitlines()
     kept = run("query", image, "--index", tmp_path / "i", "-k", "4", "--dedupe", "off", "--json").stdout.splitlines()
     assert len(kept) == 4 and len(collapsed) < 4

@@ -83,8 +83,9 @@ def style_of_another_clip(tmp_path):
 
 
 def upload(client, data, **fields):
-    return client.post("/v1/query", files={"image": ("x.png", data, "image/png")},
-                       data={k: str(v) for k, v in fields.items()})
+    return client.post(
+        "/v1/query", files={"image": ("x.png", data, "image/png")}, data={k: str(v) for k, v in fields.items()}
+    )
 
 
 def test_each_generator_is_loaded_once(served):
@@ -107,8 +108,13 @@ def test_generate_with_each_generator(client, image):
 
 
 def test_hybrid_with_the_style_decoder(client, image):
-    body = {"image_base64": base64.b64encode(image).decode(), "mode": "hybrid", "index": "partial", "k": 3,
-            "generator": STYLE}
+    body = {
+        "image_base64": base64.b64encode(image).decode(),
+        "mode": "hybrid",
+        "index": "partial",
+        "k": 3,
+        "generator": STYLE,
+    }
     response = client.post("/v1/query", json=body)
     assert response.status_code == 200, response.text
     hits = response.json()["hits"]
@@ -122,19 +128,27 @@ def test_indexes_lists_the_generators_of_each_index(client):
     assert by_name["toy"]["generators"] == ["toyworld-coca", STYLE] and by_name["toy"]["generator"] == "toyworld-coca"
     assert by_name["other"]["generators"] == ["toyworld-coca"]  # trained with another CLIP: not offered
     assert {g["name"]: (g["source"], g["indexes"]) for g in described["generators"]} == {
-        "toyworld-coca": ("generated", ["toy", "partial", "other"]), STYLE: ("styled", ["toy", "partial"])}
+        "toyworld-coca": ("generated", ["toy", "partial", "other"]),
+        STYLE: ("styled", ["toy", "partial"]),
+    }
 
 
-@pytest.mark.parametrize("field, status, message", [
-    ("nope", 400, "unknown generator 'nope'; loaded: toyworld-coca, style:toyworld-style"),
-    (["toyworld-coca"], 400, "generator must be a string, not an array"),
-    (3, 400, "generator must be a string, not a number"),
-    ("\ud800", 400, "generator is not valid Unicode"),
-])
+@pytest.mark.parametrize(
+    "field, status, message",
+    [
+        ("nope", 400, "unknown generator 'nope'; loaded: toyworld-coca, style:toyworld-style"),
+        (["toyworld-coca"], 400, "generator must be a string, not an array"),
+        (3, 400, "generator must be a string, not a number"),
+        ("\ud800", 400, "generator is not valid Unicode"),
+    ],
+)
 def test_unknown_or_ill_typed_generator_is_a_400(client, image, field, status, message):
     body = {"image_base64": base64.b64encode(image).decode(), "mode": "generate", "generator": field}
-    response = client.post("/v1/query", content=json.dumps(body).encode("utf-8", "surrogatepass"),
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        "/v1/query",
+        content=json.dumps(body).encode("utf-8", "surrogatepass"),
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == status and message in response.json()["error"]["message"], response.text
 
 
@@ -173,7 +187,8 @@ def test_the_cli_refuses_a_style_decoder_that_fits_no_index_in_one_line(run, toy
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = run("serve", "--index", toy_index, "--generator", "toyworld-coca", "--generator", f"style:{folder}",
-                 "--port", port)
+    result = run(
+        "serve", "--index", toy_index, "--generator", "toyworld-coca", "--generator", f"style:{folder}", "--port", port
+    )
     assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "which built none of the indexes" in result.stderr

@@ -24,7 +24,9 @@ def small_index(tmp_path_factory, toy_model):
 
     corpus = tmp_path_factory.mktemp("small") / "small.tsv"
     scenes = [s for s in toyworld.all_scenes()[::-1] if s.size == "small"]  # reversed: ids differ from `toy`'s
-    corpus.write_text("\n".join(["caption\tshape\tcolour"] + [f"{s.caption}\t{s.shape}\t{s.colour}" for s in scenes]) + "\n")
+    corpus.write_text(
+        "\n".join(["caption\tshape\tcolour"] + [f"{s.caption}\t{s.shape}\t{s.colour}" for s in scenes]) + "\n"
+    )
     out = tmp_path_factory.mktemp("indexes2") / "more"
     build_index(corpus, out, toy_model, show_progress_bar=False)
     return out
@@ -94,8 +96,9 @@ def test_dedupe_cosine_collapses_near_duplicates(client):
     assert all(h["score"] < 0.6 for h in collapsed["hits"][1:])
     default = ask(client, text=RED_STAR, k=10)  # like `retriever query`: cosine 0.95, on by default
     assert texts(default) == texts(ask(client, text=RED_STAR, k=10, dedupe=True))
-    form = client.post("/v1/query", files={"image": ("t.png", png(GREEN_TRIANGLE), "image/png")},
-                       data={"dedupe": "0.6", "k": "5"})
+    form = client.post(
+        "/v1/query", files={"image": ("t.png", png(GREEN_TRIANGLE), "image/png")}, data={"dedupe": "0.6", "k": "5"}
+    )
     assert form.status_code == 200, form.text
     assert all(h["score"] < form.json()["hits"][0]["score"] for h in form.json()["hits"][1:])
 
@@ -108,17 +111,21 @@ def test_where_returns_only_matching_metadata(client):
     short = ask(client, text=RED_STAR, k=10, where='shape = "circle" and colour = "red" and len < 30')
     assert texts(short) == ["a small red circle on the top"] or len(short["hits"]) == 2
     assert all(len(t) < 30 for t in texts(short))
-    assert short["note"] == (f"only {len(short['hits'])} indexed texts match where "
-                             "'shape = \"circle\" and colour = \"red\" and len < 30'")
+    assert short["note"] == (
+        f'only {len(short["hits"])} indexed texts match where \'shape = "circle" and colour = "red" and len < 30\''
+    )
 
 
-@pytest.mark.parametrize("where,phrase", [
-    ('shape = ', "where: expected a value"),
-    ('shape = "star" and', "where: expected a column name, got the end at character 19"),
-    ('flavour = "sweet"', "where: no column 'flavour' in this index (columns: text, shape, colour, len)"),
-    ('len < "long"', "where: cannot compare column 'len'"),
-    ('__import__("os")', "where:"),
-])
+@pytest.mark.parametrize(
+    "where,phrase",
+    [
+        ("shape = ", "where: expected a value"),
+        ('shape = "star" and', "where: expected a column name, got the end at character 19"),
+        ('flavour = "sweet"', "where: no column 'flavour' in this index (columns: text, shape, colour, len)"),
+        ('len < "long"', "where: cannot compare column 'len'"),
+        ('__import__("os")', "where:"),
+    ],
+)
 def test_where_errors_are_400s_naming_the_problem(client, where, phrase):
     assert phrase in refused(client, text=RED_STAR, where=where)
 
@@ -132,11 +139,14 @@ def test_plus_and_minus_steer_the_results(client):
     faint = ask(client, text=RED_STAR, k=3, plus=[{"text": "blue", "weight": 0.05}])
     assert texts(faint)[0] == RED_STAR
     image = png(GREEN_TRIANGLE)
-    form = client.post("/v1/query", files={"image": ("t.png", image, "image/png")},
-                       data={"plus": ["blue", "circle:0.5"], "k": "3"})  # a repeated field: both count
+    form = client.post(
+        "/v1/query", files={"image": ("t.png", image, "image/png")}, data={"plus": ["blue", "circle:0.5"], "k": "3"}
+    )  # a repeated field: both count
     assert form.status_code == 200, form.text
     b64 = base64.b64encode(image).decode()
-    assert texts(form.json()) == texts(ask(client, image_base64=b64, k=3, plus=["blue", {"text": "circle", "weight": 0.5}]))
+    assert texts(form.json()) == texts(
+        ask(client, image_base64=b64, k=3, plus=["blue", {"text": "circle", "weight": 0.5}])
+    )
     assert texts(form.json()) != texts(ask(client, image_base64=b64, k=3, plus=["blue"]))
     assert "blue" in texts(ask(client, image_base64=b64, k=3, plus=["blue:2"]))[0]
 
@@ -157,9 +167,14 @@ def test_blends_follow_their_weights(client):
     assert texts(towards_b) == [BLUE_CIRCLE.caption] and towards_b["hits"][0]["blend"] == "images[0]:0.02 + images[1]:1"
     even = texts(ask(client, images=[a, b], k=5))
     assert even != texts(ask(client, images=[a], k=5))
-    form = client.post("/v1/query", files=[("image", ("a.png", png(GREEN_TRIANGLE), "image/png")),
-                                           ("image", ("b.png", png(BLUE_CIRCLE), "image/png"))],
-                       data={"weights": "0.02,1", "k": "1"})
+    form = client.post(
+        "/v1/query",
+        files=[
+            ("image", ("a.png", png(GREEN_TRIANGLE), "image/png")),
+            ("image", ("b.png", png(BLUE_CIRCLE), "image/png")),
+        ],
+        data={"weights": "0.02,1", "k": "1"},
+    )
     assert form.status_code == 200, form.text
     assert form.json()["hits"][0]["text"] == BLUE_CIRCLE.caption
     assert "weights for 2 image(s)" in refused(client, images=[a, b], weights=[1])
@@ -192,8 +207,11 @@ def test_several_indexes_are_searched_together_and_hits_name_theirs(client):
     assert only_more["indexes"] == ["more"] and texts(only_more) == [from_more["text"]]
     large = ask(client, text="a large red star on the left", k=3, indexes="toy,more")
     assert all(h["index"] == "toy" for h in large["hits"][:1])
-    form = client.post("/v1/query", data={"text": "a small red star on the left", "indexes": ["toy", "more"],
-                                          "k": "2", "dedupe": "off"}, files={"none": ("x", b"", "text/plain")})
+    form = client.post(
+        "/v1/query",
+        data={"text": "a small red star on the left", "indexes": ["toy", "more"], "k": "2", "dedupe": "off"},
+        files={"none": ("x", b"", "text/plain")},
+    )
     assert form.status_code == 200 and {h["index"] for h in form.json()["hits"]} == {"toy", "more"}
     assert "unknown index 'nope'" in refused(client, 404, text="a star", indexes=["toy", "nope"])
     assert "not both" in refused(client, text="a star", index="toy", indexes=["more"])
@@ -204,8 +222,22 @@ def test_openapi_documents_the_options(client):
     schema = client.get("/openapi.json").json()["paths"]["/v1/query"]["post"]["requestBody"]["content"]
     for kind in ("application/json", "multipart/form-data"):
         fields = schema[kind]["schema"]["properties"]
-        assert {"diversity", "fetch_k", "dedupe", "where", "plus", "minus", "like", "like_index", "indexes",
-                "weights", "text", "k", "mode", "index"} <= set(fields)
+        assert {
+            "diversity",
+            "fetch_k",
+            "dedupe",
+            "where",
+            "plus",
+            "minus",
+            "like",
+            "like_index",
+            "indexes",
+            "weights",
+            "text",
+            "k",
+            "mode",
+            "index",
+        } <= set(fields)
     assert "images" in schema["application/json"]["schema"]["properties"]
 
 

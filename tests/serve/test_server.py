@@ -19,10 +19,13 @@ LIMIT = 200_000  # a small upload cap, so over-limit bodies stay cheap
 def client(toy_index):
     from fastapi.testclient import TestClient
 
-    retrievers = {"toy": Retriever.open(toy_index, generator="toyworld-coca"),
-                  "captions-only": Retriever.open(generator="toyworld-coca")}
-    with TestClient(create_app(retrievers, ServerSettings(max_upload_bytes=LIMIT, max_text_chars=300)),
-                    base_url="http://127.0.0.1") as c:
+    retrievers = {
+        "toy": Retriever.open(toy_index, generator="toyworld-coca"),
+        "captions-only": Retriever.open(generator="toyworld-coca"),
+    }
+    with TestClient(
+        create_app(retrievers, ServerSettings(max_upload_bytes=LIMIT, max_text_chars=300)), base_url="http://127.0.0.1"
+    ) as c:
         yield c
 
 
@@ -56,7 +59,9 @@ def test_json_base64_text_and_modes(client, sample):
     r = client.post("/v1/query", json={"image": "data:image/png;base64," + b64, "mode": "hybrid", "k": 2})
     assert r.status_code == 200 and r.json()["hits"][0]["text"] == sample[1]
     r = client.post("/v1/query", json={"image_base64": b64, "mode": "generate", "index": "captions-only"})
-    assert r.status_code == 200 and r.json()["hits"][0] | {"text": sample[1], "source": "generated"} == r.json()["hits"][0]
+    assert (
+        r.status_code == 200 and r.json()["hits"][0] | {"text": sample[1], "source": "generated"} == r.json()["hits"][0]
+    )
     r = client.post("/v1/query", json={"text": "a small red star on the left", "k": 1, "dedupe": True})
     assert r.json()["hits"][0]["text"] == "a small red star on the left" and r.json()["hits"][0]["query_text"]
     # an image and a text together (not one or the other): the text steers the image's query
@@ -95,18 +100,33 @@ HOSTILE = [
     ("empty upload", {"files": {"image": ("x.png", b"", "image/png")}}, 400, "empty"),
     ("truncated png", {"files": {"image": ("x.png", _png((64, 64))[:60], "image/png")}}, 400, "truncated"),
     ("decompression bomb", {"files": {"image": ("b.png", _bomb(), "image/png")}}, 413, "decompression bomb"),
-    ("over the size cap", {"files": {"image": ("big.png", b"\x89PNG" + b"0" * (LIMIT + 10), "image/png")}}, 413, "limit"),
-    ("plain text body", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported content type"),
+    (
+        "over the size cap",
+        {"files": {"image": ("big.png", b"\x89PNG" + b"0" * (LIMIT + 10), "image/png")}},
+        413,
+        "limit",
+    ),
+    (
+        "plain text body",
+        {"content": b"hello", "headers": {"content-type": "text/plain"}},
+        415,
+        "unsupported content type",
+    ),
     ("no content type", {"content": b"hello"}, 415, "unsupported content type"),
     ("xml body", {"content": b"<a/>", "headers": {"content-type": "application/xml"}}, 415, "multipart"),
-    ("malformed json", {"content": b"{\"k\": 3", "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
+    ("malformed json", {"content": b'{"k": 3', "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
     ("json array", {"json": [1, 2]}, 400, "must be an object"),
     ("bad base64", {"json": {"image_base64": "not base64!!"}}, 400, "base64"),
     ("base64 not a string", {"json": {"image_base64": 12}}, 400, "base64 string"),
     ("base64 of text", {"json": {"image_base64": base64.b64encode(b"plain words").decode()}}, 400, "not an image"),
     ("k zero", {"json": {"text": "a star", "k": 0}}, 400, "between 1 and 1000"),
     ("k too big", {"json": {"text": "a star", "k": 1001}}, 400, "between 1 and 1000"),
-    ("k negative form", {"files": {"image": ("x.png", _png(), "image/png")}, "data": {"k": "-3"}}, 400, "between 1 and 1000"),
+    (
+        "k negative form",
+        {"files": {"image": ("x.png", _png(), "image/png")}, "data": {"k": "-3"}},
+        400,
+        "between 1 and 1000",
+    ),
     ("k not a number", {"json": {"text": "a star", "k": "ten"}}, 400, "integer"),
     ("k a float", {"json": {"text": "a star", "k": 2.5}}, 400, "integer"),
     ("k a boolean", {"json": {"text": "a star", "k": True}}, 400, "integer"),
@@ -118,12 +138,21 @@ HOSTILE = [
     ("text not a string", {"json": {"text": ["a"]}}, 400, "non-empty string"),
     ("neither image nor text", {"json": {"k": 3}}, 400, "send an image (or images), a text, or like"),
     ("text with hybrid", {"json": {"text": "a star", "mode": "hybrid"}}, 400, "only retrieve"),
-    ("steering with generate", {"json": {"image_base64": base64.b64encode(_png()).decode(), "mode": "generate",
-                                         "plus": ["blue"]}}, 400, "mode=generate writes captions without an index: plus"),
+    (
+        "steering with generate",
+        {"json": {"image_base64": base64.b64encode(_png()).decode(), "mode": "generate", "plus": ["blue"]}},
+        400,
+        "mode=generate writes captions without an index: plus",
+    ),
     ("unknown json field", {"json": {"text": "a star", "colour": "red"}}, 400, "unknown field"),
     ("bad dedupe", {"json": {"text": "a star", "dedupe": "maybe"}}, 400, "dedupe"),
     ("multipart without image", {"files": {"other": ("x.txt", b"abc", "text/plain")}}, 400, "send an image"),
-    ("broken multipart", {"content": b"--xyz\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=xyz"}}, 400, ""),
+    (
+        "broken multipart",
+        {"content": b"--xyz\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=xyz"}},
+        400,
+        "",
+    ),
     ("retrieve on a generator-only index", {"json": {"text": "a star", "index": "captions-only"}}, 400, "no index"),
 ]
 

@@ -53,8 +53,15 @@ def test_training_from_random_weights_lowers_the_loss(tmp_path):
     train = write_pairs(tmp_path, 64, seed=6)
     losses, on_event = step_losses()
     options = TrainOptions(epochs=10, batch_size=32, lr=2e-4, warmup=3, workers=0)
-    result = finetune(train, tmp_path / "out", "toyworld", from_scratch=True, options=options,
-                      on_event=on_event, show_progress_bar=False)
+    result = finetune(
+        train,
+        tmp_path / "out",
+        "toyworld",
+        from_scratch=True,
+        options=options,
+        on_event=on_event,
+        show_progress_bar=False,
+    )
     assert result.model.endswith("from scratch")
     assert len(losses) == 10 * 2
     first, last = losses[0], sum(losses[-4:]) / 4
@@ -107,14 +114,20 @@ def test_bad_rows_and_unreadable_images_are_reported_and_skipped(tmp_path):
     (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (tmp_path / "images" / "empty.png").write_bytes(b"")
     with open(train, "a") as f:
-        f.write("images/gone.png\ta red circle\n")                 # line 42: missing image
-        f.write("images/5_0000.png\n")                             # line 43: one field
-        f.write("images/5_0001.png\t   \n")                        # line 44: empty caption
+        f.write("images/gone.png\ta red circle\n")  # line 42: missing image
+        f.write("images/5_0000.png\n")  # line 43: one field
+        f.write("images/5_0001.png\t   \n")  # line 44: empty caption
         f.write("images/broken.png\ta large red star on the left\n")
         f.write("images/empty.png\ta large red star on the left\n")
     events = []
-    result = finetune(train, tmp_path / "out", "toyworld", options=TrainOptions(epochs=1, batch_size=8, workers=0),
-                      on_event=lambda kind, d: events.append((kind, d)), show_progress_bar=False)
+    result = finetune(
+        train,
+        tmp_path / "out",
+        "toyworld",
+        options=TrainOptions(epochs=1, batch_size=8, workers=0),
+        on_event=lambda kind, d: events.append((kind, d)),
+        show_progress_bar=False,
+    )
     rows = {row.line: row.reason for row in result.train.bad_rows}
     assert set(rows) == {42, 43, 44}
     assert "image not found" in rows[42] and "expected 2 fields" in rows[43] and "empty caption" in rows[44]
@@ -144,13 +157,26 @@ def test_interrupted_run_resumes_to_the_same_weights(data, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(data["train"], tmp_path / "resumed", "toyworld", options=options, on_event=interrupt,
-                 show_progress_bar=False)
+        finetune(
+            data["train"],
+            tmp_path / "resumed",
+            "toyworld",
+            options=options,
+            on_event=interrupt,
+            show_progress_bar=False,
+        )
     assert (tmp_path / "resumed" / "checkpoints" / "state.json").is_file()
     assert not (tmp_path / "resumed" / "open_clip_model.safetensors").exists()  # no epoch finished yet
     losses, on_event = step_losses()
-    result = finetune(data["train"], tmp_path / "resumed", "toyworld", options=options, resume=True,
-                      on_event=on_event, show_progress_bar=False)
+    result = finetune(
+        data["train"],
+        tmp_path / "resumed",
+        "toyworld",
+        options=options,
+        resume=True,
+        on_event=on_event,
+        show_progress_bar=False,
+    )
     assert result.resumed_at == (0, 4) and len(losses) == 2 * 6 - 4
     assert [e.steps for e in result.epochs] == [6, 6]
     from safetensors.torch import load_file
@@ -160,14 +186,26 @@ def test_interrupted_run_resumes_to_the_same_weights(data, tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
     # More epochs later: the same command with --resume and a larger --epochs.
-    more = finetune(data["train"], tmp_path / "resumed", "toyworld", options=TrainOptions(epochs=3, batch_size=32, lr=1e-4, workers=0),
-                    resume=True, show_progress_bar=False)
+    more = finetune(
+        data["train"],
+        tmp_path / "resumed",
+        "toyworld",
+        options=TrainOptions(epochs=3, batch_size=32, lr=1e-4, workers=0),
+        resume=True,
+        show_progress_bar=False,
+    )
     assert [e.epoch for e in more.epochs] == [1, 2, 3]
 
 
 def test_resume_refuses_changed_settings_and_out_is_protected(data, tmp_path):
     out = tmp_path / "run"
-    finetune(data["train"], out, "toyworld", options=TrainOptions(epochs=1, batch_size=64, workers=0), show_progress_bar=False)
+    finetune(
+        data["train"],
+        out,
+        "toyworld",
+        options=TrainOptions(epochs=1, batch_size=64, workers=0),
+        show_progress_bar=False,
+    )
     with pytest.raises(RetrieverError, match="not empty.*--resume"):
         finetune(data["train"], out, "toyworld", options=TrainOptions(epochs=1, batch_size=64))
     with pytest.raises(RetrieverError, match="batch_size 64 -> 32"):
@@ -184,8 +222,22 @@ def test_resume_refuses_changed_settings_and_out_is_protected(data, tmp_path):
 def test_cli_runs_reports_and_fails_cleanly(data, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli"
-    args = ["finetune", str(data["train"]), "--out", str(out), "--model", "toyworld", "--epochs", "1",
-            "--batch-size", "64", "--val", str(data["val"]), "--workers", "0"]
+    args = [
+        "finetune",
+        str(data["train"]),
+        "--out",
+        str(out),
+        "--model",
+        "toyworld",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--val",
+        str(data["val"]),
+        "--workers",
+        "0",
+    ]
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -213,12 +265,17 @@ def test_full_size_models_fine_tune_on_cpu(arch, tmp_path):
     train = write_pairs(tmp_path, 8, seed=7)
     losses, on_event = step_losses()
     options = TrainOptions(epochs=1, batch_size=4, lr=1e-5, workers=0, contrastive_loss_weight=1.0)
-    result = finetune(train, tmp_path / "out", arch, str(start), options=options, on_event=on_event, show_progress_bar=False)
+    result = finetune(
+        train, tmp_path / "out", arch, str(start), options=options, on_event=on_event, show_progress_bar=False
+    )
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and result.epochs[0].steps == 2
     weights = tmp_path / "out" / "open_clip_model.safetensors"
     before, after = load_file(start), load_file(weights)
     assert set(before) == set(after) and any(not torch.equal(before[k], after[k]) for k in before)
-    for loaded in (load_model(f"local-dir:{tmp_path / 'out'}", device="cpu"), load_model(arch, str(weights), device="cpu")):
+    for loaded in (
+        load_model(f"local-dir:{tmp_path / 'out'}", device="cpu"),
+        load_model(arch, str(weights), device="cpu"),
+    ):
         assert type(loaded.model).__name__ == ("CoCa" if arch.startswith("coca") else "CLIP")
         assert all(torch.equal(after[k], v) for k, v in loaded.model.state_dict().items())
     shutil.rmtree(tmp_path)  # a few GB (weights, optimizer state): pytest would keep them for three runs
@@ -241,8 +298,23 @@ def test_ctrl_c_on_the_command_line_then_resume(data, tmp_path):
     import time
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "retriever", "finetune", str(data["train"]), "--out", str(out), "--model", "toyworld",
-           "--batch-size", "32", "--workers", "1", "--epochs", "100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "retriever",
+        "finetune",
+        str(data["train"]),
+        "--out",
+        str(out),
+        "--model",
+        "toyworld",
+        "--batch-size",
+        "32",
+        "--workers",
+        "1",
+        "--epochs",
+        "100",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -267,8 +339,14 @@ def test_ctrl_c_on_the_command_line_then_resume(data, tmp_path):
 def test_state_is_saved_every_checkpoint_interval(data, tmp_path):
     events = []
     options = TrainOptions(epochs=1, batch_size=64, workers=0, checkpoint_minutes=0)
-    finetune(data["train"], tmp_path / "out", "toyworld", options=options, show_progress_bar=False,
-             on_event=lambda kind, d: events.append((kind, d)))
+    finetune(
+        data["train"],
+        tmp_path / "out",
+        "toyworld",
+        options=options,
+        show_progress_bar=False,
+        on_event=lambda kind, d: events.append((kind, d)),
+    )
     saved = [d["step"] for kind, d in events if kind == "checkpoint"]
     assert saved == [1, 2, 3]  # with a zero interval, after every step (and again at the epoch end)
 
@@ -277,6 +355,12 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
     """The mixed-precision code path (autocast) on the CPU; CUDA's amp path needs a GPU."""
     train = write_pairs(tmp_path, 32, seed=8)
     losses, on_event = step_losses()
-    finetune(train, tmp_path / "out", "toyworld", options=TrainOptions(epochs=1, batch_size=16, precision="bf16", workers=0),
-             on_event=on_event, show_progress_bar=False)
+    finetune(
+        train,
+        tmp_path / "out",
+        "toyworld",
+        options=TrainOptions(epochs=1, batch_size=16, precision="bf16", workers=0),
+        on_event=on_event,
+        show_progress_bar=False,
+    )
     assert len(losses) == 2 and all(math.isfinite(x) and x < 1.0 for x in losses)

@@ -25,15 +25,27 @@ def restyled(scene):
 def corpus(tmp_path):
     path = tmp_path / "lines.tsv"
     # A bad row (wrong field count), an empty text and a duplicate, as real corpora have.
-    rows = ["caption\tnote"] + [f"{c}\tok" for c in toyworld.all_captions()[:40]] + ["broken", "\tempty", "a small red circle on the left\tdup"]
+    rows = (
+        ["caption\tnote"]
+        + [f"{c}\tok" for c in toyworld.all_captions()[:40]]
+        + ["broken", "\tempty", "a small red circle on the left\tdup"]
+    )
     path.write_text("\n".join(rows) + "\n")
     return path
 
 
 def test_folder_records_the_clip_model_vocab_and_memory(tmp_path, corpus, toy_model):
     events = []
-    result = train_style(corpus, tmp_path / "out", "toyworld", val=corpus, device="cpu", show_progress_bar=False,
-                         options=StyleOptions(epochs=2, memory_size=10, **TINY), on_event=lambda k, d: events.append((k, d)))
+    result = train_style(
+        corpus,
+        tmp_path / "out",
+        "toyworld",
+        val=corpus,
+        device="cpu",
+        show_progress_bar=False,
+        options=StyleOptions(epochs=2, memory_size=10, **TINY),
+        on_event=lambda k, d: events.append((k, d)),
+    )
     config = json.loads((tmp_path / "out" / "style.json").read_text())
     assert config["kind"] == "retriever-style-decoder" and config["clip"]["fingerprint"] == toy_model.fingerprint
     assert config["clip"]["name"] == "toyworld" and config["projection"] == "memory"
@@ -62,11 +74,19 @@ def test_overwrite_only_replaces_a_style_decoder(tmp_path, corpus):
     train_style(corpus, out, "toyworld", options=StyleOptions(epochs=1, **TINY), device="cpu", show_progress_bar=False)
     with pytest.raises(RetrieverError, match="add --resume to continue it, or --overwrite"):
         train_style(corpus, out, "toyworld", options=StyleOptions(epochs=1, **TINY), device="cpu")
-    train_style(corpus, out, "toyworld", options=StyleOptions(epochs=1, **TINY), device="cpu", overwrite=True,
-                show_progress_bar=False)
+    train_style(
+        corpus,
+        out,
+        "toyworld",
+        options=StyleOptions(epochs=1, **TINY),
+        device="cpu",
+        overwrite=True,
+        show_progress_bar=False,
+    )
     with pytest.raises(RetrieverError, match="settings changed since the run started .*width 32 -> 64"):
-        train_style(corpus, out, "toyworld", options=StyleOptions(epochs=2, **{**TINY, "width": 64}), device="cpu",
-                    resume=True)
+        train_style(
+            corpus, out, "toyworld", options=StyleOptions(epochs=2, **{**TINY, "width": 64}), device="cpu", resume=True
+        )
 
 
 def test_ctrl_c_is_deferred_to_a_step_boundary_and_resume_is_exact(tmp_path, corpus):
@@ -80,12 +100,20 @@ def test_ctrl_c_is_deferred_to_a_step_boundary_and_resume_is_exact(tmp_path, cor
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        train_style(corpus, tmp_path / "cut", "toyworld", options=options, device="cpu", show_progress_bar=False,
-                    on_event=interrupt)
+        train_style(
+            corpus,
+            tmp_path / "cut",
+            "toyworld",
+            options=options,
+            device="cpu",
+            show_progress_bar=False,
+            on_event=interrupt,
+        )
     state = json.loads((tmp_path / "cut" / "state" / "state.json").read_text())
     assert (state["epoch"], state["batch"]) == (0, 2)
-    result = train_style(corpus, tmp_path / "cut", "toyworld", options=options, device="cpu", resume=True,
-                         show_progress_bar=False)
+    result = train_style(
+        corpus, tmp_path / "cut", "toyworld", options=options, device="cpu", resume=True, show_progress_bar=False
+    )
     assert result.resumed_at == (0, 2)
     whole = load_weights(tmp_path / "whole" / "decoder.safetensors")
     cut = load_weights(tmp_path / "cut" / "decoder.safetensors")
@@ -94,8 +122,29 @@ def test_ctrl_c_is_deferred_to_a_step_boundary_and_resume_is_exact(tmp_path, cor
 
 def test_cli_trains_then_writes_captions_with_the_decoder(tmp_path, corpus, run, toy_images):
     out = tmp_path / "styles" / "toy"
-    result = run("style", "train", corpus, "--model", "toyworld", "--out", out, "--width", 32, "--layers", 1,
-                 "--heads", 2, "--epochs", 1, "--batch-size", 16, "--device", "cpu", "--json", "-q")
+    result = run(
+        "style",
+        "train",
+        corpus,
+        "--model",
+        "toyworld",
+        "--out",
+        out,
+        "--width",
+        32,
+        "--layers",
+        1,
+        "--heads",
+        2,
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "--device",
+        "cpu",
+        "--json",
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["train"]["kept"] == 40 and summary["epochs"][-1]["epoch"] == 1
