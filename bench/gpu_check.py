@@ -261,7 +261,7 @@ def check_serve(index_dir, device, n_queries):
     from retriever.search.api import Retriever
     from retriever.serve.app import create_app
 
-    client = TestClient(create_app({"toy": Retriever.open(index_dir, device=device)}))
+    client = TestClient(create_app({"toy": Retriever.open(index_dir, device=device)}), base_url="http://127.0.0.1")
     images, captions = toy_images(n_queries, seed=3)
     latencies, errors, right = [], 0, 0
     for im, cap in zip(images, captions):
