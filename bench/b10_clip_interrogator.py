@@ -100,26 +100,8 @@ def seed_cache(ci_module, ours: Path, ci_cache: Path, load_list, save_file) -> N
     import os
 
     data = os.path.join(os.path.dirname(ci_module.__file__), "data")
-    sites = [
-        "Artstation",
-        "behance",
-        "cg society",
-        "cgsociety",
-        "deviantart",
-        "dribble",
-        "flickr",
-        "instagram",
-        "pexels",
-        "pinterest",
-        "pixabay",
-        "pixiv",
-        "polycount",
-        "reddit",
-        "shutterstock",
-        "tumblr",
-        "unsplash",
-        "zbrush central",
-    ]
+    from retriever.prompts.label_tables import SITES as sites  # the same list clip-interrogator builds
+
     artists = load_list(data, "artists.txt")
     lists = {
         "artists": [f"by {a}" for a in artists] + [f"inspired by {a}" for a in artists],
