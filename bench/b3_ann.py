@@ -7,11 +7,17 @@ built and tuned exactly as `build-index --index-type T` does (perturbed database
 tuning queries, target recall@10 0.95), then measured on the held-out queries: recall@10
 against exact search, queries per second (one batch, all threads), and index bytes per caption.
 
+`ivfpq+refine` is IVF-PQ whose candidates are re-ranked exactly with the fp16 vectors
+(refine.py), memory-mapped from a .npy file as a built index does: bytes/caption counts what
+is held in RAM (the index); the vectors add 2·d bytes per caption on disk.
+
     python bench/b3_ann.py --n 1000000
 """
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -26,14 +32,15 @@ from retriever.index.ann import (
     train_sample_size,
     tune,
 )
+from retriever.index.refine import refined_search
 from retriever.models.encoder import Encoder
 from retriever.models.loading import load_model
 
 
-def qps(index, xq: np.ndarray, k: int = 10) -> tuple[float, np.ndarray]:
-    index.search(xq[:50], k)
+def qps(search, xq: np.ndarray, k: int = 10) -> tuple[float, np.ndarray]:
+    search(xq[:50], k)
     start = time.perf_counter()
-    _, I = index.search(xq, k)
+    _, I = search(xq, k)
     return len(xq) / (time.perf_counter() - start), I
 
 
@@ -41,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=2000)
-    parser.add_argument("--types", default="flat,ivf,hnsw,ivfpq")
+    parser.add_argument("--types", default="flat,ivf,hnsw,ivfpq,ivfpq+refine")
     parser.add_argument("--target", type=float, default=0.95)
     args = parser.parse_args()
 
@@ -55,9 +62,13 @@ def main() -> None:
     d = xb.shape[1]
     gt = exact_neighbors([xb], xq, 10)
     flat_qps = None
-    print(f"{'type':6} {'params':18} {'recall@10':>9} {'QPS':>9} {'vs flat':>8} {'bytes/caption':>13} {'build s':>8}")
+    print(f"{'type':13} {'params':26} {'recall@10':>9} {'QPS':>9} {'vs flat':>8} {'bytes/caption':>13} {'build s':>8}")
+    mapped = Path(tempfile.mkdtemp()) / "vectors.f16.npy"
+    np.save(mapped, xb.astype(np.float16))
+    vectors = np.load(mapped, mmap_mode="r")
     for kind in args.types.split(","):
-        plan = plan_index(args.n, d, kind)
+        refine = kind.endswith("+refine")
+        plan = plan_index(args.n, d, kind.removesuffix("+refine"))
         start = time.perf_counter()
         index = new_index(plan, d)
         train_n = train_sample_size(plan, args.n)
@@ -65,14 +76,23 @@ def main() -> None:
             index.train(xb[np.random.default_rng(0).choice(args.n, size=train_n, replace=False)])
         index.add(xb)
         tuning_q = perturbed_queries(xb, 1000, seed=1)
-        tuned = tune(index, plan, tuning_q, exact_neighbors([xb], tuning_q, 10), args.target)
+        tuned = tune(
+            index, plan, tuning_q, exact_neighbors([xb], tuning_q, 10), args.target, vectors=vectors if refine else None
+        )
         build_s = time.perf_counter() - start
-        speed, I = qps(index, xq)
+        if refine:
+
+            def search(q, k, index=index, k_factor=tuned.params["k_factor"]):
+                return refined_search(index.search, q, k, vectors, k_factor, args.n)
+
+        else:
+            search = index.search
+        speed, I = qps(search, xq)
         flat_qps = flat_qps or speed
         size = len(faiss.serialize_index(index))
         params = ",".join(f"{k}={v}" for k, v in tuned.params.items()) or "-"
         print(
-            f"{kind:6} {params:18} {recall_at_k(I, gt):9.3f} {speed:9.0f} {speed / flat_qps:7.1f}x "
+            f"{kind:13} {params:26} {recall_at_k(I, gt):9.3f} {speed:9.0f} {speed / flat_qps:7.1f}x "
             f"{size / args.n:13.0f} {build_s:8.0f}",
             flush=True,
         )

@@ -23,6 +23,9 @@ class ImageError(RetrieverError):
         self.reason = reason
         self.kind = kind
 
+    def __reduce__(self):  # rebuilt from its own arguments when it crosses a process boundary
+        return ImageError, (self.path, self.reason, self.kind)
+
 
 class IndexFormatError(RetrieverError):
     """An index directory is missing, incomplete, or built by another model or format."""

@@ -10,7 +10,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -121,31 +121,36 @@ def print_table(rows: list[tuple[str, int, float | None, str, str]], with_source
 
 
 class ImageBatches:
-    """Images named by files, folders or globs, loaded `size` at a time as (label, image) pairs.
+    """Images named by files, folders or globs, loaded `size` at a time as (label, image) pairs,
+    decoded in `workers` processes (None: chosen by count; see image_stream.py).
 
     An unreadable image prints `error: FILE: reason` and is left out (`failed` is then True), so
-    one bad file never stops the others.
+    one bad file never stops the others. `preprocess`: the model's, whose resize and crop then run
+    in the workers too.
     """
 
-    def __init__(self, images: list[str], size: int = 64):
+    def __init__(self, images: list[str], size: int = 64, workers: int | None = None, preprocess: Any = None):
         from retriever.models.images import expand_image_paths
 
         self.paths = expand_image_paths(images)
         self.size = size
+        self.workers = workers
+        self.preprocess = preprocess
         self.failed = False
 
     def __iter__(self):
         from retriever.errors import ImageError
-        from retriever.models.images import load_image
+        from retriever.models.image_stream import iter_image_batches, pil_transforms
 
-        for start in range(0, len(self.paths), self.size):
+        transform, side = pil_transforms(self.preprocess) if self.preprocess is not None else (None, None)
+        for loaded in iter_image_batches(self.paths, self.size, self.workers, transform, side):
             batch = []
-            for path in self.paths[start : start + self.size]:
-                try:
-                    batch.append((str(path), load_image(path)))
-                except ImageError as e:
+            for label, image in loaded:
+                if isinstance(image, ImageError):
                     self.failed = True
-                    stderr(f"error: {e}")
+                    stderr(f"error: {image}")
+                else:
+                    batch.append((label, image))
             if batch:
                 yield batch
 

@@ -38,6 +38,7 @@ from retriever.cli.common import (
     stderr,
 )
 from retriever.errors import RetrieverError
+from retriever.models.image_stream import AUTO_WORKERS_FROM
 from retriever.search.options import DEFAULT_QUERY_DEDUPE
 
 
@@ -256,6 +257,16 @@ def query(
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = "fp32",
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            min=0,
+            max=64,
+            help="Processes decoding and resizing images while the model encodes (0: none; "
+            f"default: none under {AUTO_WORKERS_FROM} images, else one per spare core).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Caption ideas for each image: the K nearest texts of an index, generated captions, or both.
@@ -318,7 +329,7 @@ def query(
     if like is not None or blend or (text is not None and not images):
         _answer_single(retriever, images or [], text, like, k, result_options, as_json, where)
         return
-    if not _answer(retriever, images or [], text, k, options, as_json, where):
+    if not _answer(retriever, images or [], text, k, options, as_json, where, workers):
         raise typer.Exit(1)
 
 
@@ -415,7 +426,14 @@ def caption(
 
 
 def _answer(
-    retriever, images: list[str], text: str | None, k: int, options: dict, as_json: bool, where: str | None = None
+    retriever,
+    images: list[str],
+    text: str | None,
+    k: int,
+    options: dict,
+    as_json: bool,
+    where: str | None = None,
+    workers: int | None = None,
 ) -> bool:
     """Query and print results (a table, or JSON lines); returns False if any image failed."""
     rows: list[tuple[str, int, float | None, str, str]] = []
@@ -427,7 +445,9 @@ def _answer(
             else:
                 rows.append((label, rank, hit.score, hit.source, hit.text))
 
-    batches = ImageBatches(images)
+    # Retrieval alone feeds the CLIP model, whose resize and crop can then run in the workers too.
+    preprocess = retriever.model.preprocess if options.get("mode", "retrieve") == "retrieve" else None
+    batches = ImageBatches(images, workers=workers, preprocess=preprocess)
     for batch in batches:
         for (label, _), hits in zip(batch, retriever.query_many([im for _, im in batch], k=k, text=text, **options)):
             _note_short(hits, k, where)

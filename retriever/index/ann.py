@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from retriever.errors import RetrieverError
 from retriever.index.faiss_import import import_faiss
@@ -184,12 +184,18 @@ def recall_at_k(I: np.ndarray, gt: np.ndarray, k: int = 10) -> float:
     return float(found / possible) if possible else 1.0
 
 
-def tune(index, plan: IndexPlan, xq: np.ndarray, gt: np.ndarray, target: float, k: int = 10) -> TuneResult:
+def tune(
+    index, plan: IndexPlan, xq: np.ndarray, gt: np.ndarray, target: float, k: int = 10, vectors: Any = None
+) -> TuneResult:
     """Set the smallest nprobe / efSearch whose recall@k on `xq` reaches `target`.
 
-    If none does, the most accurate setting tried is kept and its recall reported.
+    If none does, the most accurate setting tried is kept and its recall reported. With the
+    exact `vectors` of an IVF-PQ index, its candidates are re-ranked exactly (refine.py) and
+    the re-ranking depth `k_factor` is tuned too: first the smallest nprobe that reaches the
+    target at the widest depth, then the shallowest depth that still does at that nprobe.
     """
     faiss = import_faiss()
+    from retriever.index.refine import K_FACTORS, refined_search
 
     if plan.tune is None:
         return TuneResult({}, 1.0, len(xq))
@@ -198,25 +204,41 @@ def tune(index, plan: IndexPlan, xq: np.ndarray, gt: np.ndarray, target: float, 
         values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if v <= nlist] + [nlist]
     else:
         values = [16, 32, 64, 128, 256, 512, 1024, 2048]
+    refine = vectors is not None and plan.index_type == "ivfpq"
+
+    def recall(k_factor: int) -> float:
+        if refine:
+            _, I = refined_search(index.search, xq, k, vectors, k_factor, index.ntotal)
+        else:
+            _, I = index.search(xq, k)
+        return recall_at_k(I, gt, k)
+
     space = faiss.ParameterSpace()
     best = TuneResult({}, -1.0, len(xq))
     for value in sorted(set(values)):
         space.set_index_parameter(index, plan.tune, value)
-        _, I = index.search(xq, k)
-        recall = recall_at_k(I, gt, k)
-        if recall > best.recall_at_10:
-            best = TuneResult({plan.tune: value}, recall, len(xq))
-        if recall >= target:
+        measured = recall(K_FACTORS[-1])
+        if measured > best.recall_at_10:
+            best = TuneResult({plan.tune: value}, measured, len(xq))
+        if measured >= target:
             break
     space.set_index_parameter(index, plan.tune, best.params[plan.tune])
+    if refine:
+        for k_factor in K_FACTORS:
+            measured = recall(k_factor)
+            if measured >= min(target, best.recall_at_10):
+                best = TuneResult({**best.params, "k_factor": k_factor}, measured, len(xq))
+                break
     return best
 
 
 def apply_search_params(index, params: dict) -> None:
-    """Set recorded search parameters (nprobe, efSearch) on a loaded index."""
+    """Set recorded search parameters (nprobe, efSearch) on a loaded index; `k_factor` is not
+    faiss's to set (the re-ranking is ours, see refine.py)."""
     faiss = import_faiss()
 
     on_gpu = type(index).__name__.startswith("Gpu") and hasattr(faiss, "GpuParameterSpace")
     space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
     for name, value in params.items():
-        space.set_index_parameter(index, name, value)
+        if name != "k_factor":
+            space.set_index_parameter(index, name, value)

@@ -226,7 +226,7 @@ def _build_locked(
             index, ivf_data = fill_ivf(index, shards, sizes, workers)
             return index
 
-    faiss_index, tuning = _assemble(shards, count, plan, d, recall_target, use_gpu, fill)
+    faiss_index, tuning = _assemble(shards, count, plan, d, recall_target, use_gpu, fill, store_vectors)
     manifest = {
         "model": model.describe(),
         "embedding_dim": d,
@@ -332,12 +332,20 @@ def _embed_locally(
 
 
 def _assemble(
-    shards: ShardDir, count: int, plan, d: int, recall_target: float, use_gpu: bool | None, fill: Callable | None = None
+    shards: ShardDir,
+    count: int,
+    plan,
+    d: int,
+    recall_target: float,
+    use_gpu: bool | None,
+    fill: Callable | None = None,
+    store_vectors: bool = False,
 ):
     """Train (on a random sample across all shards), fill and tune the FAISS index from the shards.
 
     `fill(index, sizes)` returns the trained `index` filled (the distributed build's parallel add
-    and on-disk merge); by default the shards are added here, in order.
+    and on-disk merge); by default the shards are added here, in order. With `store_vectors`, an
+    IVF-PQ index is tuned to re-rank its candidates with them (refine.py).
     """
     faiss = import_faiss()
     import numpy as np
@@ -373,7 +381,8 @@ def _assemble(
         _sample_rows(shards, sizes, rng.choice(n, size=min(TUNING_QUERIES, n), replace=False)), TUNING_QUERIES, seed=1
     )
     gt = exact_neighbors(shards.iter_vectors(count), queries, 10)
-    return index, tune(index, plan, queries, gt, recall_target)
+    exact = _ShardRows(shards, sizes) if store_vectors else None
+    return index, tune(index, plan, queries, gt, recall_target, vectors=exact)
 
 
 def _engine_session(ray: RayOptions | None):
@@ -407,6 +416,16 @@ def _numbered_chunks(
             number, rows_seen, chunk = number + 1, consumed, []
     if chunk:
         yield number, chunk, report.rows + len(report.bad_rows) - rows_seen
+
+
+class _ShardRows:
+    """The shards' vectors indexed by global row id, like the stored vectors.f16.npy will be."""
+
+    def __init__(self, shards: ShardDir, sizes: list[int]):
+        self.shards, self.sizes = shards, sizes
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return _sample_rows(self.shards, self.sizes, rows)
 
 
 def _sample_rows(shards: ShardDir, sizes: list[int], rows: np.ndarray) -> np.ndarray:

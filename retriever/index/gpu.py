@@ -107,7 +107,8 @@ def set_gpu_params(faiss: Any, placement: Placement, params: dict) -> None:
         return
     space = faiss.GpuParameterSpace()
     for name, value in params.items():
-        space.set_index_parameter(placement.gpu, name, value)
+        if name != "k_factor":  # the exact re-ranking depth (refine.py), not a faiss parameter
+            space.set_index_parameter(placement.gpu, name, value)
 
 
 def training_quantizer(faiss: Any, d: int) -> Any | None:

@@ -59,6 +59,8 @@ class TextIndex:
     faiss_index: Any  # always the CPU index; a GPU copy, if any, is in `placement`
     texts: pa.Table
     placement: Placement = field(default_factory=Placement)
+    refine_vectors: Any = None  # memory-mapped exact vectors when the tuning chose re-ranking
+    k_factor: int = 1
 
     def __len__(self) -> int:
         return int(self.faiss_index.ntotal)
@@ -73,8 +75,16 @@ class TextIndex:
         return D, I
 
     def faiss_search(self, xq: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """The FAISS search itself: on the GPU copy where it can answer (k, parameters), else on the CPU."""
-        return gpu_search(self.placement, self.faiss_index, xq, k, params)
+        """The FAISS search itself: on the GPU copy where it can answer (k, parameters), else on the
+        CPU; then, for a re-ranked IVF-PQ, `k * k_factor` candidates re-scored exactly (refine.py)."""
+        if self.refine_vectors is None:
+            return gpu_search(self.placement, self.faiss_index, xq, k, params)
+        from retriever.index.refine import refined_search
+
+        def search(q, n):
+            return gpu_search(self.placement, self.faiss_index, q, n, params)
+
+        return refined_search(search, xq, k, self.refine_vectors, self.k_factor, len(self))
 
     def rows(self, ids: list[int]) -> list[dict]:
         """The stored id, text and metadata of each row id, as dicts."""
@@ -269,7 +279,25 @@ def read_index(path: str | Path, use_gpu: bool | None = None, mmap: bool | None 
     # Only what faiss-gpu supports goes to the GPU (gpu.py); a memory-mapped index stays mapped.
     placement = place(faiss, index) if use_gpu is not False and not mmap else Placement(reason="kept on the CPU")
     set_gpu_params(faiss, placement, params)
-    return TextIndex(path, manifest, index, texts, placement)
+    refine_vectors = _refine_vectors(path, count, d) if "k_factor" in params else None
+    return TextIndex(path, manifest, index, texts, placement, refine_vectors, int(params.get("k_factor", 1)))
+
+
+def _refine_vectors(path: Path, count: int, d: int) -> Any:
+    """vectors.f16.npy memory-mapped, for an index tuned to re-rank with it."""
+    import numpy as np
+
+    if not (path / VECTORS_FILE).is_file():
+        raise damaged(path, f"its search_params re-rank with {VECTORS_FILE}, which is missing")
+    try:
+        vectors = np.load(path / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise damaged(path, f"{VECTORS_FILE} cannot be read ({str(e)[:160]})") from None
+    if vectors.shape != (count, d) or vectors.dtype != np.float16:
+        raise damaged(
+            path, f"{VECTORS_FILE} holds {vectors.dtype} {vectors.shape}, the manifest says float16 ({count}, {d})"
+        )
+    return vectors
 
 
 def _read_texts(path: Path, count: int) -> pa.Table:

@@ -80,10 +80,11 @@ def check_manifest(manifest: Any, path: str | Path) -> dict:
     if manifest["count"] < 0 or manifest["embedding_dim"] < 1:
         raise damaged(path, f"manifest.json says count {manifest['count']}, dimension {manifest['embedding_dim']}")
     for name, value in (manifest.get("search_params") or {}).items():
-        if name not in ("nprobe", "efSearch") or not _is(value, (int,)) or value < 1:
+        if name not in ("nprobe", "efSearch", "k_factor") or not _is(value, (int,)) or value < 1:
             raise damaged(
                 path,
-                f"manifest.json's search parameter {name!r} is {value!r}, not a positive integer nprobe or efSearch",
+                f"manifest.json's search parameter {name!r} is {value!r}, "
+                "not a positive integer nprobe, efSearch or k_factor",
             )
     for name, record in (manifest.get("files") or {}).items():
         if not (
