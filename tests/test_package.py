@@ -44,7 +44,7 @@ def test_missing_faiss_names_the_extra_to_install(tmp_path):
 
 def test_version_names_the_index_format_and_libraries_without_importing_them():
     """`retriever --version` reads versions from package metadata: torch, open_clip and faiss stay unimported."""
-    from retriever.index.store import FORMAT_VERSION
+    from retriever.index.store import READABLE_FORMATS
 
     code = (
         "import sys; sys.argv = ['retriever', '--version']\nfrom retriever.cli import main\ntry:\n    main()\n"
@@ -54,7 +54,7 @@ def test_version_names_the_index_format_and_libraries_without_importing_them():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     lines = result.stdout.splitlines()
     assert lines[0] == f"retriever {retriever_version()} (caption-retriever)"
-    assert lines[1] == f"index format {FORMAT_VERSION}"
+    assert lines[1] == f"index formats {', '.join(map(str, READABLE_FORMATS))}"
     names = {line.split()[0] for line in lines[2:-1]}
     assert {"python", "torch", "open_clip_torch"} <= names and names & {"faiss-cpu", "faiss-gpu-cu12"}
     assert lines[-1] == "[]"

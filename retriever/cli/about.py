@@ -57,11 +57,11 @@ def versions_text() -> str:
     import platform
 
     import retriever
-    from retriever.index.store import FORMAT_VERSION
+    from retriever.index.store import READABLE_FORMATS
 
     lines = [
         f"retriever {retriever.__version__} ({DISTRIBUTION})",
-        f"index format {FORMAT_VERSION}",
+        f"index formats {', '.join(map(str, READABLE_FORMATS))}",
         f"python {platform.python_version()}",
     ]
     lines += [f"{name} {found}" for name in LIBRARIES if (found := installed_version(name))]

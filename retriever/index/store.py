@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 ONDISK_FORMAT_VERSION = 2  # older readers refuse it in one line instead of opening a missing list file
+REFINED_FORMAT_VERSION = 3  # search_params may hold k_factor: re-rank with vectors.f16.npy (refine.py)
+READABLE_FORMATS = (FORMAT_VERSION, ONDISK_FORMAT_VERSION, REFINED_FORMAT_VERSION)
 MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
 TEXTS_FILE = "texts.parquet"
@@ -124,7 +126,11 @@ def write_index(
     try:
         path = check_out(path, overwrite)  # again, now that no other build can change it
         recover(path)
-        version = ONDISK_FORMAT_VERSION if ivf_data is not None else FORMAT_VERSION
+        # The oldest format that describes the index, so older releases open what they can.
+        if "k_factor" in (manifest.get("search_params") or {}):
+            version = REFINED_FORMAT_VERSION
+        else:
+            version = ONDISK_FORMAT_VERSION if ivf_data is not None else FORMAT_VERSION
         manifest = {**manifest, "format_version": version, "count": int(faiss_index.ntotal)}
         tmp = new_temp_dir(path)
         try:
@@ -182,19 +188,15 @@ def read_manifest(path: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise damaged(path, f"{MANIFEST} is not valid JSON ({e})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if (
-        isinstance(manifest, dict)
-        and "format_version" in manifest
-        and version not in (FORMAT_VERSION, ONDISK_FORMAT_VERSION)
-    ):
+    if isinstance(manifest, dict) and "format_version" in manifest and version not in READABLE_FORMATS:
         advice = (
             "it was written by a newer release: pip install -U caption-retriever"
-            if isinstance(version, int) and version > ONDISK_FORMAT_VERSION
+            if isinstance(version, int) and version > max(READABLE_FORMATS)
             else "rebuild it with `retriever build-index`"
         )
         raise IndexFormatError(
-            f"{path}: index format {version}, this retriever reads formats {FORMAT_VERSION} and "
-            f"{ONDISK_FORMAT_VERSION}; {advice}"
+            f"{path}: index format {version}, this retriever reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}; {advice}"
         )
     return check_manifest(manifest, path)
 

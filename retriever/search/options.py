@@ -74,7 +74,7 @@ class ResultOptions:
 
 def stored_vectors(index: TextIndex) -> Any | None:
     """The index's exact vectors as an fp16 array [count, d] (memory-mapped), or None when the
-    index was built without them (`--no-vectors`, or before format 2)."""
+    index was built without them (`--no-vectors`)."""
     import numpy as np
 
     path = Path(index.path) / VECTORS_FILE

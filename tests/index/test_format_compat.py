@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from retriever.errors import IndexFormatError
-from retriever.index.store import FORMAT_VERSION, ONDISK_FORMAT_VERSION, read_index, read_manifest
+from retriever.index.store import FORMAT_VERSION, READABLE_FORMATS, read_index, read_manifest
 from retriever.index.verify import verify_index
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -72,7 +72,7 @@ def test_a_newer_format_is_refused_in_one_line(tmp_path):
     newer = tmp_path / "newer"
     shutil.copytree(DATA / f"index-format-{FORMAT_VERSION}", newer)
     manifest = json.loads((newer / "manifest.json").read_text())
-    newest = max(FORMAT_VERSION, ONDISK_FORMAT_VERSION)
+    newest = max(READABLE_FORMATS)
     manifest["format_version"] = newest + 1
     (newer / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexFormatError, match=f"index format {newest + 1}, this retriever reads formats") as e:

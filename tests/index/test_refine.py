@@ -56,6 +56,7 @@ def test_built_ivfpq_index_reranks_with_its_stored_vectors(toy_model, tmp_path):
     index = read_index(result.path)
     params = index.manifest["search_params"]
     assert "k_factor" in params and index.k_factor == params["k_factor"] and index.refine_vectors is not None
+    assert index.manifest["format_version"] == 3  # releases that would ignore k_factor refuse it instead
     vectors = np.asarray(index.refine_vectors, dtype=np.float32)
     xq = perturbed_queries(vectors, 50, seed=3)
     D, I = index.search(xq, 10)
@@ -65,4 +66,5 @@ def test_built_ivfpq_index_reranks_with_its_stored_vectors(toy_model, tmp_path):
     plain = build_index(
         corpus, tmp_path / "plain", toy_model, index_type="ivfpq", store_vectors=False, show_progress_bar=False
     )
-    assert "k_factor" not in read_index(plain.path).manifest["search_params"]
+    plain_manifest = read_index(plain.path).manifest
+    assert "k_factor" not in plain_manifest["search_params"] and plain_manifest["format_version"] == 1
