@@ -51,11 +51,16 @@ def join_words(left: str, right: str) -> str:
     return left + right if has_cjk(left[-1]) and has_cjk(right[0]) else f"{left} {right}"
 
 
+def phrase_joiner(left: str, right: str) -> str:
+    """What goes between two phrases of a prompt: `，` where either is Chinese, else `, `."""
+    return "，" if has_cjk(left) or has_cjk(right) else ", "
+
+
 def join_phrases(parts: list[str]) -> str:
-    """Phrases as one prompt: `，` between two where either is Chinese, else `, `."""
+    """Phrases as one prompt, each pair joined by `phrase_joiner`."""
     out = ""
     for i, part in enumerate(parts):
         if i:
-            out += "，" if has_cjk(parts[i - 1]) or has_cjk(part) else ", "
+            out += phrase_joiner(parts[i - 1], part)
         out += part
     return out

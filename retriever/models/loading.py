@@ -60,6 +60,17 @@ class LoadedModel:
             "context_length": self.context_length,
         }
 
+    @property
+    def pad_token_id(self) -> int:
+        """The id the tokenizer pads with: 0 for open_clip's BPE and BERT's WordPiece, 1 for
+        XLM-R (multilingual open_clip towers); Hugging Face tokenizers say which."""
+        tokenizer = self.tokenizer
+        for source in (tokenizer, getattr(tokenizer, "tokenizer", None)):
+            pad = getattr(source, "pad_token_id", None)
+            if isinstance(pad, int):
+                return pad
+        return 0
+
 
 def bundled_models() -> list[str]:
     """Names of the models that ship inside the package (trained by scripts/ on the toy world)."""

@@ -85,7 +85,7 @@ class PrefixScorer:
         self.context = int(getattr(tokenizer, "context_length", 77))
         self.sot = int(getattr(tokenizer, "sot_token_id", 49406))
         self.eot = int(getattr(tokenizer, "eot_token_id", 49407))
-        self._suffix_cache: dict[str, list[int]] = {}
+        self._suffix_cache: dict[tuple[str, str], list[int]] = {}
         self._last_prefix: tuple[list[int], Any] = ([], None)
         self.shared = 0  # texts encoded through a shared prefix, and in full (for tests and benches)
         self.full = 0
@@ -98,43 +98,44 @@ class PrefixScorer:
             else list(self.loaded.tokenizer.tokenizer.encode(text))
         )
 
-    def suffix_tokens(self, suffix: str) -> list[int]:
+    def suffix_tokens(self, suffix: str, joiner: str | None = None) -> list[int]:
         """Tokens of `joiner + suffix`, cached (the same labels recur at every chain step)."""
-        tokens = self._suffix_cache.get(suffix)
+        joiner = self.joiner if joiner is None else joiner
+        tokens = self._suffix_cache.get((joiner, suffix))
         if tokens is None:
-            tokens = self._suffix_cache[suffix] = self.tokens(self.joiner + suffix)
+            tokens = self._suffix_cache[joiner, suffix] = self.tokens(joiner + suffix)
         return tokens
 
-    def fits(self, prefix_tokens: list[int], suffix: str) -> bool:
+    def fits(self, prefix_tokens: list[int], suffix: str, joiner: str | None = None) -> bool:
         """Whether `prefix + joiner + suffix` fits the context with a padding position to spare
         (clip-interrogator's rule: the last position must still be padding), from token counts.
         Exact when `shareable(prefix)` and `is_plain(suffix)`."""
-        return 1 + len(prefix_tokens) + len(self.suffix_tokens(suffix)) + 1 < self.context
+        return 1 + len(prefix_tokens) + len(self.suffix_tokens(suffix, joiner)) + 1 < self.context
 
     def shareable(self, prefix: str) -> bool:
         """Whether texts starting with `prefix + joiner` tokenize as the prefix's tokens plus the rest's."""
         return self.exact and bool(prefix) and prefix[-1].isalnum() and is_plain(prefix)
 
-    def encode(self, prefix: str, suffixes: list[str]) -> np.ndarray:
-        """Normalised embeddings of `prefix + joiner + s` for each suffix `s` (float32 [n, d])."""
+    def encode(self, prefix: str, suffixes: list[str], joiner: str | None = None) -> np.ndarray:
+        """Normalised embeddings of `prefix + joiner + s` for each suffix `s` (float32 [n, d]);
+        `joiner` overrides the scorer's own for this call."""
         import numpy as np
 
+        joiner = self.joiner if joiner is None else joiner
         if not suffixes:
             return np.zeros((0, self.encoder.dim), dtype=np.float32)
         prefix_tokens = self.tokens(prefix)
         out = np.zeros((len(suffixes), self.encoder.dim), dtype=np.float32)
         shared = (
-            [i for i, s in enumerate(suffixes) if is_plain(s) and self.fits(prefix_tokens, s)]
+            [i for i, s in enumerate(suffixes) if is_plain(s) and self.fits(prefix_tokens, s, joiner)]
             if self.shareable(prefix)
             else []
         )
         rest = sorted(set(range(len(suffixes))) - set(shared))
         if shared:
-            out[shared] = self._encode_shared(prefix_tokens, [self.suffix_tokens(suffixes[i]) for i in shared])
+            out[shared] = self._encode_shared(prefix_tokens, [self.suffix_tokens(suffixes[i], joiner) for i in shared])
         if rest:
-            out[rest] = self.encoder.encode_text(
-                [prefix + self.joiner + suffixes[i] for i in rest], show_progress_bar=False
-            )
+            out[rest] = self.encoder.encode_text([prefix + joiner + suffixes[i] for i in rest], show_progress_bar=False)
         self.shared += len(shared)
         self.full += len(rest)
         return out

@@ -147,11 +147,12 @@ class PromptBuilder:
         for idx in range(max_count):
             if not remaining:
                 break
-            prefix = join(caption_piece(caption) + [Piece(t.text, (t,)) for t in curr])
-            fitting = self._fitting(prefix, remaining)
+            pieces = caption_piece(caption) + [Piece(t.text, (t,)) for t in curr]
+            prefix, last = join(pieces), pieces[-1].text
+            fitting = self._fitting(prefix, last, remaining)
             if not fitting:
                 break
-            sims = sign * (self.scorer.encode(prefix, [remaining[i].text for i in fitting]) @ xq)
+            sims = sign * self._scores(prefix, last, [remaining[i].text for i in fitting], xq)
             if on_step is not None:
                 on_step(idx + 1, max_count, float(sign * sims.max()))
             best_at = int(sims.argmax())
@@ -164,19 +165,37 @@ class PromptBuilder:
             remaining.pop(pick)
         return caption_piece(caption) + [Piece(t.text, (t,)) for t in best]
 
-    def _fitting(self, prefix: str, terms: list[Term]) -> list[int]:
+    def _scores(self, prefix: str, last: str, texts: list[str], xq: np.ndarray) -> np.ndarray:
+        """Similarity to `xq` of `prefix` extended by each text, joined as the prompt will be
+        (`，` next to Chinese: `phrase_joiner` of the prefix's last piece and the text)."""
+        import numpy as np
+
+        from retriever.corpus.cjk import phrase_joiner
+
+        joiners = [phrase_joiner(last, text) for text in texts]
+        sims = np.empty(len(texts), dtype=np.float32)
+        for joiner in set(joiners):
+            at = [i for i, j in enumerate(joiners) if j == joiner]
+            sims[at] = self.scorer.encode(prefix, [texts[i] for i in at], joiner) @ xq
+        return sims
+
+    def _fitting(self, prefix: str, last: str, terms: list[Term]) -> list[int]:
         """Positions of the terms whose `prefix, term` fits the context: counted from cached
         token counts where tokens concatenate exactly, tokenized in full otherwise."""
+        from retriever.corpus.cjk import phrase_joiner
         from retriever.models.prefix import is_plain
 
+        joiners = [phrase_joiner(last, t.text) for t in terms]
         if self.scorer.shareable(prefix):
             prefix_tokens = self.scorer.tokens(prefix)
-            known = {i: self.scorer.fits(prefix_tokens, t.text) for i, t in enumerate(terms) if is_plain(t.text)}
+            known = {
+                i: self.scorer.fits(prefix_tokens, t.text, joiners[i]) for i, t in enumerate(terms) if is_plain(t.text)
+            }
         else:
             known = {}
         unknown = [i for i in range(len(terms)) if i not in known]
         if unknown:
-            known.update(zip(unknown, self._fit_mask([f"{prefix}, {terms[i].text}" for i in unknown])))
+            known.update(zip(unknown, self._fit_mask([prefix + joiners[i] + terms[i].text for i in unknown])))
         return [i for i in range(len(terms)) if known[i]]
 
     def fits(self, text: str) -> bool:
@@ -185,7 +204,7 @@ class PromptBuilder:
         return bool(self._fit_mask([text])[0])
 
     def _fit_mask(self, texts: list[str]) -> list[bool]:
-        return (self.model.tokenizer(texts)[:, -1] == 0).tolist()
+        return (self.model.tokenizer(texts)[:, -1] == self.model.pad_token_id).tolist()
 
     def truncate(self, pieces: list[Piece]) -> list[Piece]:
         """clip-interrogator's `_truncate_to_fit`: keep the first piece, then pieces while the prompt fits.

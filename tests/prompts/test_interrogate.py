@@ -392,3 +392,44 @@ def test_full_builtin_tables_with_toy_model(toy_model, toy_images):
         result = it.interrogate(toy_images[0][0], mode=mode, caption="a photo")
         assert result.prompt and it.fits(result.prompt)
     assert os.environ["RETRIEVER_CACHE"]
+
+
+def test_chinese_chain_scores_the_prompt_it_writes(toy_model, large_images):
+    """Next to Chinese the prompt joins with `，`; each chain step's score is that text's."""
+    from retriever.corpus.cjk import join_phrases
+    from retriever.prompts.label_tables import Term
+    from retriever.prompts.modes import PromptBuilder
+
+    builder = PromptBuilder(toy_model, [])
+    xq = Encoder(toy_model).encode_image(Image.open(large_images[0][0]))
+    terms = [Term(text, "zh", 0.0) for text in ("红色", "星形", "on the left", "a large star")]
+    chosen = builder.chain(xq, terms, "一张图片", None, 2, 3)
+    prompt = join_phrases([p.text for p in chosen])
+    assert "，" in prompt
+    steps = []
+    builder.on_step = lambda i, n, best: steps.append(best)
+    builder.chain(xq, terms, "一张图片", None, 3, 3)
+    # The first step's best score is a prompt's as written (with `，`), not one joined by ", ".
+    first = max(float(Encoder(toy_model).encode_text([join_phrases(["一张图片", t.text])])[0] @ xq) for t in terms)
+    assert steps[0] == pytest.approx(first, abs=1e-4)
+
+
+def test_fit_test_uses_the_tokenizers_own_padding(toy_model):
+    """XLM-R towers pad with id 1, not 0: "fits" must look for their padding."""
+    import dataclasses
+
+    from retriever.prompts.modes import PromptBuilder
+
+    class PadsWithOne:
+        pad_token_id = 1
+        context_length = toy_model.tokenizer.context_length
+
+        def __call__(self, texts):
+            tokens = toy_model.tokenizer(texts)
+            return tokens.masked_fill(tokens == 0, 1)
+
+    padded = dataclasses.replace(toy_model, tokenizer=PadsWithOne())
+    builder = PromptBuilder(padded, [])
+    assert padded.pad_token_id == 1 and toy_model.pad_token_id == 0
+    assert builder.fits("a large red star")
+    assert not builder.fits(", ".join(["a large red star"] * 20))
