@@ -4,8 +4,9 @@
     python bench/toy_styles.py            # toyworld R@1 and toyworld-coca exact match per style
     python bench/toy_styles.py -n 300 --no-coca
 
-Styles: `classic` (the v1 look), each of `toyworld.HELD_OUT_STYLES`, and `alt-renderer`, an
-independently written renderer of the same specification (tests/models/alt_toyworld.py).
+Styles: `classic` (the v1 look), each of `toyworld.HELD_OUT_STYLES`, `alt-renderer` (an
+independently written renderer of the same specification, tests/models/alt_toyworld.py), and
+the `toyworld.STRESS_STYLES`, reported only.
 R@1 ranks the 256 captions for each image; exact match greedy-decodes a caption with CoCa.
 """
 
@@ -29,7 +30,7 @@ def styled_samples(style: str, n: int, seed: int) -> list:
     return list(toyworld.sample(n, seed=seed, style=None if style == "classic" else style))
 
 
-STYLES = ("classic", *toyworld.HELD_OUT_STYLES, "alt-renderer")
+STYLES = ("classic", *toyworld.HELD_OUT_STYLES, "alt-renderer", *toyworld.STRESS_STYLES)
 
 
 def recall_at_1(model, pairs) -> float:

@@ -38,7 +38,7 @@ def main() -> None:
         )
         out = build_index(corpus, Path(tmp) / "idx", load_model("toyworld-zh", device="cpu"), show_progress_bar=False)
         retriever = Retriever.open(out.path)
-        for style in ["random", None, *toyworld.HELD_OUT_STYLES]:
+        for style in ["random", None, *toyworld.HELD_OUT_STYLES, *toyworld.STRESS_STYLES]:
             pairs = list(toyworld.sample(args.images, seed=2024, style=style, lang="zh"))
             results = retriever.query_many([im for im, _ in pairs], k=1)
             r_at_1 = np.mean([hits[0].text == caption for hits, (_, caption) in zip(results, pairs)])

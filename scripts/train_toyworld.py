@@ -115,6 +115,7 @@ def main() -> None:
     parser = training_args(__doc__, steps=4000, variants=256, eval_every=500)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--partial-weight", type=float, default=0.5, help="weight of the partial-caption loss")
+    parser.add_argument("--init", type=Path, help="continue from these weights (a folder this script wrote)")
     args = parser.parse_args()
 
     import open_clip
@@ -124,6 +125,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     model = open_clip.CLIP(**MODEL_CFG)
+    if args.init is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(args.init / "open_clip_model.safetensors").items()})
     preprocess = open_clip.image_transform(64, is_train=False, mean=PREPROCESS_CFG["mean"], std=PREPROCESS_CFG["std"])
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=MODEL_CFG["text_cfg"]["context_length"])
     loss_fn = ClipLoss()
@@ -192,6 +197,7 @@ def main() -> None:
                 "heldout_r_at_1": r1,
                 "heldout_styles_r_at_1": held_out,
                 "partial_weight": args.partial_weight,
+                "init": str(args.init) if args.init else None,
                 "version": 2,
             }
         },
