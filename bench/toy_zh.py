@@ -4,9 +4,9 @@ Chinese lines that describe no scene, per rendering style (issue 14's target: >=
 
     python bench/toy_zh.py --images 400
 
-Measured 2026-11-28 (2-core Xeon): random 0.36, classic 0.57, flat-classic 0.57, noisy-jpeg 0.41,
-plain-smallest 0.30 -- short of the target: the bundled model trained 250 CPU steps from the v1
-English image tower (see README, The toy world).
+Measured 2026-11-28 (2-core Xeon), the bundled model (v2 English tower, locked, 800 steps):
+random 0.738, classic 0.900, plain-smallest 0.805, flat-classic 0.930, noisy-jpeg (stress) 0.703
+-- short of the target; before (v1 tower): 0.36, 0.57, 0.30, 0.57, 0.41 (docs/toyworld.md).
 """
 
 from __future__ import annotations

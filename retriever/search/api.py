@@ -28,9 +28,9 @@ if TYPE_CHECKING:
 
 MODES = ("retrieve", "generate", "hybrid")
 # Hybrid mode generates when the best retrieved score is below this. Measured on the toy world
-# (bench/hybrid_threshold.py): with toyworld the true caption's score has 5th percentile 0.84,
-# the best wrong one's (true caption missing) 95th percentile 0.72; 0.78 leaves 1.3% of images
-# on the wrong side. For hub CLIP models a fitting caption's cosine is around 0.3 (not
+# (bench/hybrid_threshold.py, v2 toy models): with toyworld the true caption's score has 5th
+# percentile 0.84, the best wrong one's (true caption missing) median 0.69; 0.78 leaves 1.8% of
+# images on the wrong side, the fewest of the thresholds tried. For hub CLIP models a fitting caption's cosine is around 0.3 (not
 # measurable offline here); pass --min-score to tune.
 DEFAULT_MIN_SCORE = {"toyworld": 0.78}
 FALLBACK_MIN_SCORE = 0.3

@@ -50,9 +50,10 @@ def test_built_ivfpq_index_reranks_with_its_stored_vectors(toy_model, tmp_path):
     from retriever.models.toyworld import all_captions
 
     corpus = tmp_path / "c.txt"
-    texts = [f"{c} number {i}" for i in range(12) for c in all_captions()]
+    texts = [f"{c} number {i}" for i in range(4) for c in all_captions()]
     corpus.write_text("\n".join(texts) + "\n")
-    result = build_index(corpus, tmp_path / "idx", toy_model, index_type="ivfpq", show_progress_bar=False)
+    small = {"index_type": "ivfpq", "max_memory": 28_000, "show_progress_bar": False}  # PQ8: quick to train
+    result = build_index(corpus, tmp_path / "idx", toy_model, **small)
     index = read_index(result.path)
     params = index.manifest["search_params"]
     assert "k_factor" in params and index.k_factor == params["k_factor"] and index.refine_vectors is not None
@@ -63,8 +64,6 @@ def test_built_ivfpq_index_reranks_with_its_stored_vectors(toy_model, tmp_path):
     np.testing.assert_allclose(D, np.einsum("qd,qkd->qk", xq, vectors[I]), atol=1e-4)  # exact scores, not codes
     assert recall_at_k(I, exact_neighbors([vectors], xq, 10)) >= 0.9
 
-    plain = build_index(
-        corpus, tmp_path / "plain", toy_model, index_type="ivfpq", store_vectors=False, show_progress_bar=False
-    )
+    plain = build_index(corpus, tmp_path / "plain", toy_model, store_vectors=False, **small)
     plain_manifest = read_index(plain.path).manifest
     assert "k_factor" not in plain_manifest["search_params"] and plain_manifest["format_version"] == 1
