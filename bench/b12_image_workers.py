@@ -39,8 +39,9 @@ def main() -> None:
         corpus.write_text("\n".join(toyworld.all_captions()) + "\n")
         index = Path(tmp) / "index"
         cli = [sys.executable, "-m", "retriever"]
-        subprocess.run([*cli, "build-index", str(corpus), "--out", str(index), "--quiet"], check=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        build = [*cli, "build-index", str(corpus), "--out", str(index), "--model", "toyworld", "--quiet"]
+        subprocess.run(build, check=True, env=env)
         print(f"{args.images} images, {args.side}x{args.side} JPEG, toyworld model")
         print(f"{'workers':>7} {'seconds':>8} {'images/s':>9} {'vs 0':>6}")
         base = None
