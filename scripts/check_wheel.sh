@@ -91,7 +91,7 @@ EOF
 
 step "retriever --version"
 "$R" --version | tee "$WORK/version.txt" >&2
-grep -q "^index format " "$WORK/version.txt" || fail "--version has no index format"
+grep -q "^index formats " "$WORK/version.txt" || fail "--version has no index formats line"
 
 step "toy build, query, caption"
 "$R" build-index toyworld.tsv --model toyworld --out indexes/toyworld --quiet
