@@ -239,6 +239,11 @@ def apply_search_params(index, params: dict) -> None:
 
     on_gpu = type(index).__name__.startswith("Gpu") and hasattr(faiss, "GpuParameterSpace")
     space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
-    for name, value in params.items():
-        if name != "k_factor":
-            space.set_index_parameter(index, name, value)
+    for name, value in faiss_params(params).items():
+        space.set_index_parameter(index, name, value)
+
+
+def faiss_params(params: dict) -> dict:
+    """The recorded search parameters faiss sets (nprobe, efSearch): `k_factor` is the exact
+    re-ranking depth, applied by refine.py."""
+    return {name: value for name, value in params.items() if name != "k_factor"}

@@ -106,9 +106,10 @@ def set_gpu_params(faiss: Any, placement: Placement, params: dict) -> None:
     if placement.gpu is None or not params:
         return
     space = faiss.GpuParameterSpace()
-    for name, value in params.items():
-        if name != "k_factor":  # the exact re-ranking depth (refine.py), not a faiss parameter
-            space.set_index_parameter(placement.gpu, name, value)
+    from retriever.index.ann import faiss_params
+
+    for name, value in faiss_params(params).items():
+        space.set_index_parameter(placement.gpu, name, value)
 
 
 def training_quantizer(faiss: Any, d: int) -> Any | None:

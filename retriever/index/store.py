@@ -281,16 +281,21 @@ def read_index(path: str | Path, use_gpu: bool | None = None, mmap: bool | None 
     # Only what faiss-gpu supports goes to the GPU (gpu.py); a memory-mapped index stays mapped.
     placement = place(faiss, index) if use_gpu is not False and not mmap else Placement(reason="kept on the CPU")
     set_gpu_params(faiss, placement, params)
-    refine_vectors = _refine_vectors(path, count, d) if "k_factor" in params else None
+    refine_vectors = None
+    if "k_factor" in params:
+        refine_vectors = map_vectors(path, count, d)
+        if refine_vectors is None:
+            raise damaged(path, f"its search_params re-rank with {VECTORS_FILE}, which is missing")
     return TextIndex(path, manifest, index, texts, placement, refine_vectors, int(params.get("k_factor", 1)))
 
 
-def _refine_vectors(path: Path, count: int, d: int) -> Any:
-    """vectors.f16.npy memory-mapped, for an index tuned to re-rank with it."""
+def map_vectors(path: Path, count: int, d: int) -> Any | None:
+    """The index's exact vectors (vectors.f16.npy) memory-mapped and checked against the
+    manifest's count and dimension, or None when the index was built without them."""
     import numpy as np
 
     if not (path / VECTORS_FILE).is_file():
-        raise damaged(path, f"its search_params re-rank with {VECTORS_FILE}, which is missing")
+        return None
     try:
         vectors = np.load(path / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retriever.errors import RetrieverError
-from retriever.index.store import VECTORS_FILE
+from retriever.index.store import VECTORS_FILE, map_vectors
 from retriever.search.diversity import collapse_near_duplicates, mmr
 
 if TYPE_CHECKING:
@@ -75,18 +75,9 @@ class ResultOptions:
 def stored_vectors(index: TextIndex) -> Any | None:
     """The index's exact vectors as an fp16 array [count, d] (memory-mapped), or None when the
     index was built without them (`--no-vectors`)."""
-    import numpy as np
-
-    path = Path(index.path) / VECTORS_FILE
-    if not path.is_file():
-        return None
-    vectors = np.load(path, mmap_mode="r", allow_pickle=False)
-    if vectors.shape != (len(index), int(index.faiss_index.d)):
-        raise RetrieverError(
-            f"{path}: damaged index: vectors are {vectors.shape}, the index has "
-            f"{len(index)} x {index.faiss_index.d} (rebuild it with build-index --overwrite)"
-        )
-    return vectors
+    if index.refine_vectors is not None:
+        return index.refine_vectors
+    return map_vectors(Path(index.path), len(index), int(index.faiss_index.d))
 
 
 def can_rerank(index: TextIndex) -> bool:
