@@ -20,12 +20,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from retriever.corpus.cjk import dedupe_key
 from retriever.corpus.files import SAMPLE_BYTES, read_sample, sniff_text
 from retriever.corpus.values import clean_text, has_surrogates, json_kind, metadata, text_value, unique_names
 from retriever.errors import CorpusError
+
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
 
 __all__ = [
     "BadRow",
@@ -145,10 +148,7 @@ def iter_corpus(
         if not text:
             report.empty += 1
             continue
-        # Full- and half-width forms, and spaces between Chinese characters, don't make a new text.
-        key = int.from_bytes(
-            hashlib.blake2b(dedupe_key(text).encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little"
-        )
+        key = text_key(text)
         if key in seen:
             report.duplicates += 1
             continue
@@ -159,6 +159,13 @@ def iter_corpus(
         raise CorpusError(
             f"{path}: no usable text ({report.rows} rows, {report.empty} empty, {len(report.bad_rows)} bad)"
         )
+
+
+def text_key(text: str) -> int:
+    """The 8-byte hash under which a cleaned text counts as a duplicate. Full- and half-width
+    forms, and spaces between Chinese characters, don't make a new text."""
+    digest = hashlib.blake2b(dedupe_key(text).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def iter_rows(path: str | Path, column: str | None = None) -> Iterator[Row | BadRow | str]:
@@ -275,20 +282,24 @@ def _read_txt(path: Path, column: str | None) -> Iterator[Row | BadRow | str]:
     if column is not None:
         raise CorpusError(f"{path}: --column needs a file with columns (.tsv, .csv, .parquet, .jsonl)")
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield BadRow(str(path), number, f"invalid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            yield number, line.lstrip("\ufeff") if number == 1 else line, {}
+        yield from txt_rows(f, path)
+
+
+def txt_rows(f: IO[bytes], path: Path, file_start: bool = True) -> Iterator[Row | BadRow]:
+    """The rows of a .txt file from binary `f`, numbered from 1 (the file's lines when
+    `file_start`; else the lines of a part, see parts.py)."""
+    for number, raw in enumerate(f, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield BadRow(str(path), number, f"invalid UTF-8 ({e.reason} at byte {e.start})")
+            continue
+        yield number, line.lstrip("\ufeff") if number == 1 and file_start else line, {}
 
 
 def _read_delimited(path: Path, column: str | None) -> Iterator[Row | BadRow | str]:
-    tsv = path.suffix.lower() == ".tsv"
-    options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        reader = csv.reader(f, **options)
+        reader = csv.reader(f, **delimited_options(path))
         try:
             header = next(reader)
         except StopIteration:
@@ -298,29 +309,40 @@ def _read_delimited(path: Path, column: str | None) -> Iterator[Row | BadRow | s
         header = unique_names([h.lstrip("\ufeff").strip() for h in header])
         text_column = pick_text_column(header, column, path)
         yield text_column
-        text_index = header.index(text_column)
-        line = reader.line_num
-        while True:
-            start = line + 1
-            try:
-                fields = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                line = reader.line_num
-                yield BadRow(str(path), start, f"unparseable row ({e})")
-                continue
-            line = reader.line_num
-            if not fields:
-                continue
-            if len(fields) != len(header):
-                yield BadRow(str(path), start, f"expected {len(header)} fields, found {len(fields)}")
-                continue
-            if any(has_surrogates(v) for v in fields):
-                yield BadRow(str(path), start, "invalid UTF-8")
-                continue
-            meta = {h: v for i, (h, v) in enumerate(zip(header, fields)) if i != text_index}
-            yield start, fields[text_index], meta
+        yield from delimited_rows(reader, header, text_column, path, reader.line_num)
+
+
+def delimited_rows(
+    reader: Iterator[list[str]], header: list[str], text_column: str, path: Path, line: int = 0
+) -> Iterator[Row | BadRow]:
+    """The rows of a csv.reader past the header, numbered after `line` (the lines already read)."""
+    text_index = header.index(text_column)
+    while True:
+        start = line + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            line = reader.line_num  # type: ignore[attr-defined]
+            yield BadRow(str(path), start, f"unparseable row ({e})")
+            continue
+        line = reader.line_num  # type: ignore[attr-defined]
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            yield BadRow(str(path), start, f"expected {len(header)} fields, found {len(fields)}")
+            continue
+        if any(has_surrogates(v) for v in fields):
+            yield BadRow(str(path), start, "invalid UTF-8")
+            continue
+        meta = {h: v for i, (h, v) in enumerate(zip(header, fields)) if i != text_index}
+        yield start, fields[text_index], meta
+
+
+def delimited_options(path: Path) -> dict[str, Any]:
+    """csv.reader's options: .tsv without quote handling (see the module's note), .csv the usual."""
+    return {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix.lower() == ".tsv" else {}
 
 
 def _read_jsonl(path: Path, column: str | None) -> Iterator[Row | BadRow | str]:
@@ -336,7 +358,14 @@ def _read_jsonl(path: Path, column: str | None) -> Iterator[Row | BadRow | str]:
     text_column = _pick_jsonl_column(chosen, column, path) if chosen else None
     if text_column is not None:
         yield text_column
-    for item in _chain(sample, records):
+    yield from jsonl_rows(_chain(sample, records), text_column, path)
+
+
+def jsonl_rows(
+    records: Iterator[tuple[int, dict] | BadRow], text_column: str | None, path: Path
+) -> Iterator[Row | BadRow]:
+    """Rows from (line number, object) records, with `text_column` as the text."""
+    for item in records:
         if isinstance(item, BadRow):
             yield item
             continue
@@ -352,29 +381,33 @@ def _read_jsonl(path: Path, column: str | None) -> Iterator[Row | BadRow | str]:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict] | BadRow]:
-    """(line number, object) for each JSON line, or a BadRow for lines that are not one."""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield BadRow(str(path), number, f"invalid UTF-8 (at byte {e.start})")
-                continue
-            except json.JSONDecodeError as e:
-                yield BadRow(str(path), number, f"invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            except RecursionError:
-                yield BadRow(str(path), number, "JSON nested too deeply to read")
-                continue
-            except ValueError as e:  # e.g. an integer beyond Python's digit limit
-                yield BadRow(str(path), number, f"invalid JSON ({e})")
-                continue
-            if not isinstance(record, dict):
-                yield BadRow(str(path), number, f"not a JSON object (found {json_kind(record)})")
-                continue
-            yield number, record
+        yield from jsonl_records(f, path)
+
+
+def jsonl_records(f: IO[bytes], path: Path) -> Iterator[tuple[int, dict] | BadRow]:
+    """(line number, object) for each JSON line of binary `f`, or a BadRow for lines that are not one."""
+    for number, raw in enumerate(f, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield BadRow(str(path), number, f"invalid UTF-8 (at byte {e.start})")
+            continue
+        except json.JSONDecodeError as e:
+            yield BadRow(str(path), number, f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        except RecursionError:
+            yield BadRow(str(path), number, "JSON nested too deeply to read")
+            continue
+        except ValueError as e:  # e.g. an integer beyond Python's digit limit
+            yield BadRow(str(path), number, f"invalid JSON ({e})")
+            continue
+        if not isinstance(record, dict):
+            yield BadRow(str(path), number, f"not a JSON object (found {json_kind(record)})")
+            continue
+        yield number, record
 
 
 def _chain(first: list, rest: Iterator) -> Iterator:
@@ -409,8 +442,14 @@ def _read_parquet(path: Path, column: str | None) -> Iterator[Row | BadRow | str
         raise CorpusError(f"{path}: not a readable parquet file ({e})") from None
     text_column = pick_text_column(names, column, path)
     yield text_column
-    number = 0
-    batches = parquet.iter_batches(batch_size=65536)
+    yield from parquet_rows(parquet, text_column, path)
+
+
+def parquet_rows(
+    parquet: pq.ParquetFile, text_column: str, path: Path, row_groups: range | None = None, number: int = 0
+) -> Iterator[Row | BadRow]:
+    """Rows of a parquet file (of `row_groups` only, whose first row follows row `number`)."""
+    batches = parquet.iter_batches(batch_size=65536, row_groups=row_groups)
     while True:
         try:
             batch = next(batches, None)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
-    from retriever.index.distributed import RayOptions
+    from retriever.index.distributed import PartedRead, RayOptions
 
 DEFAULT_CHUNK_SIZE = 65_536
 TUNING_QUERIES = 1_000
@@ -194,7 +194,9 @@ def _build_locked(
         if ray is not None:
             from retriever.index.distributed import embed_shards
 
-            chunks = _numbered_chunks(corpus_path, column, strict, report, on_bad_row, chunk_size)
+            parted = _parted_read(corpus_path, column, rows, strict, report, on_bad_row, chunk_size)
+            # .csv, or a corpus of one chunk: read on the driver
+            chunks = parted or _numbered_chunks(corpus_path, column, strict, report, on_bad_row, chunk_size)
             number, embedded, done_before = embed_shards(chunks, chunk_size, shards, model, ray, batch_size, advance)
         else:
             number, embedded = _embed_locally(
@@ -416,6 +418,24 @@ def _numbered_chunks(
             number, rows_seen, chunk = number + 1, consumed, []
     if chunk:
         yield number, chunk, report.rows + len(report.bad_rows) - rows_seen
+
+
+def _parted_read(
+    corpus_path: str | Path,
+    column: str | None,
+    rows: int | None,
+    strict: bool,
+    report: CorpusReport,
+    on_bad_row: Callable[[BadRow], None] | None,
+    chunk_size: int,
+) -> PartedRead | None:
+    """The corpus cut into parts of about one chunk each, for the Ray actors to read in parallel;
+    None where it cannot be cut (see corpus/parts.py)."""
+    from retriever.corpus.parts import Deduper, split_corpus
+    from retriever.index.distributed import PartedRead
+
+    layout = split_corpus(corpus_path, column, -(-(rows or 0) // chunk_size))
+    return None if layout is None else PartedRead(layout, Deduper(layout, report, strict, on_bad_row))
 
 
 class _ShardRows:

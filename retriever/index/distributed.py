@@ -3,10 +3,13 @@ build (build.py); only who embeds which shard, and who fills the IVF lists, chan
 
     driver                                   Ray actors (one per worker, model loaded once)
     ------                                   ------------------------------------------------
-    reads the corpus in order (dedupe and    embed(number, chunk): encode the texts, write
-    ids exactly as a local build), skips     meta-NNNNN.parquet + emb-NNNNN.npy into the work
-    finished shards, sends each chunk's      directory, return (number, rows): shard ids, never
-    texts to the least busy actor            vectors, come back through the object store
+    cuts the corpus into parts (byte ranges  scan(part): parse and clean one part into
+    at newlines, parquet row groups; .csv    piece-NNNNN.parquet in the work directory, return
+    is read by the driver in one pass)       its counts, bad rows and 8-byte text keys
+    de-duplicates the keys in file order     embed(number, chunk): read the chunk's rows from the
+    (ids exactly as a local build), skips    pieces, encode them, write meta-NNNNN.parquet +
+    finished shards, sends each chunk's      emb-NNNNN.npy, return (number, rows): shard ids, never
+    piece rows to the least busy actor       vectors, come back through the object store
     trains the IVF on a random sample        _add_block tasks: one block of shards each, added
     across all shards (not the first N)      with global ids to a copy of the trained index
     merges the blocks into on-disk lists     (faiss.contrib.ondisk.merge_ondisk), tunes nprobe,
@@ -36,6 +39,7 @@ from retriever.errors import MissingExtraError, RetrieverError
 from retriever.index.shards import ShardDir
 
 if TYPE_CHECKING:
+    from retriever.corpus.parts import Deduper, Layout, Part, PartScan, Segment
     from retriever.models.loading import LoadedModel
 
 RAY_INSTALL = "pip install 'retriever[ray]'"
@@ -205,9 +209,21 @@ class Embedder:
         self.encoder = Encoder(model)
         self.shards = ShardDir(Path(work_dir), state)
 
-    def embed(self, number: int, chunk: list[tuple[str, dict]], first_id: int, batch_size: int) -> tuple[int, int]:
+    def scan(self, layout: Layout, part: Part) -> PartScan:
+        """Parse and clean one part of the corpus into its piece (corpus/parts.py)."""
+        from retriever.corpus.parts import piece_path, scan_part
+
+        return scan_part(layout, part, piece_path(self.shards.path, part.number))
+
+    def embed(
+        self, number: int, chunk: list[tuple[str, dict]] | PieceChunk, first_id: int, batch_size: int
+    ) -> tuple[int, int]:
         from retriever.index.build import _table  # built here, not on the driver: it halves the driver's work
 
+        if isinstance(chunk, PieceChunk):
+            from retriever.corpus.parts import read_segments
+
+            chunk = read_segments(self.shards.path, chunk.segments)
         texts = [text for text, _ in chunk]
         vectors = self.encoder.encode_text(texts, batch_size=batch_size, show_progress_bar=False)
         _maybe_kill_worker(self.kill_spec, number)
@@ -219,8 +235,27 @@ class Embedder:
         return time.process_time()
 
 
+@dataclass
+class PieceChunk:
+    """A chunk named by where its texts are in the corpus pieces, not by the texts themselves."""
+
+    segments: list[Segment]
+
+    def __len__(self) -> int:
+        return sum(len(rows) for _, rows in self.segments)
+
+
+@dataclass
+class PartedRead:
+    """A corpus read in parallel (corpus/parts.py): the actors scan its parts into pieces, the
+    driver de-duplicates their keys in order, and chunks go out as PieceChunks."""
+
+    layout: Layout
+    deduper: Deduper
+
+
 def embed_shards(
-    chunks: Iterator[tuple[int, list[tuple[str, dict]], int]],
+    chunks: Iterator[tuple[int, list[tuple[str, dict]], int]] | PartedRead,
     chunk_size: int,
     shards: ShardDir,
     model: LoadedModel,
@@ -231,7 +266,8 @@ def embed_shards(
     """Embed every chunk not finished yet on an actor pool; returns (shards, embedded, resumed).
 
     `chunks` yields (number, its (text, metadata) pairs, rows consumed from the corpus for it) in
-    corpus order; chunk n's ids start at n x `chunk_size`. Call inside a RaySession.
+    corpus order; chunk n's ids start at n x `chunk_size`. Or it is a PartedRead: the actors first
+    read the corpus's parts in parallel, then embed. Call inside a RaySession.
     """
     ray = import_ray()
     workers, per_gpu, threads = plan_workers(ray, options)
@@ -277,7 +313,13 @@ def embed_shards(
         last_timings.clear()
         last_timings["actors_ready_s"] = time.perf_counter() - started
         last_timings["actors_ready_cpu_s"] = sum(ray.get([handle.cpu_seconds.remote() for handle in pool]))
-        for number, chunk, consumed in chunks:
+        numbered: Iterator[tuple[int, list[tuple[str, dict]] | PieceChunk, int]]
+        if isinstance(chunks, PartedRead):  # parts are scanned ahead of the chunks that need them
+            numbered = _piece_chunks(chunks, _scan_parts(ray, pool, chunks.layout), chunk_size, advance)
+            last_timings["parts"] = len(chunks.layout.parts)
+        else:
+            numbered = chunks
+        for number, chunk, consumed in numbered:
             count = number + 1
             if number in finished:
                 resumed += 1
@@ -298,6 +340,52 @@ def embed_shards(
             ray.kill(handle)
     last_timings["embed_s"] = time.perf_counter() - started
     return count, embedded, resumed
+
+
+def _scan_parts(ray, pool: list, layout: Layout) -> Iterator[PartScan]:
+    """Each part scanned on the least busy actor, a few in flight per actor; yields the scans in part order."""
+    busy = [0] * len(pool)
+    pending: dict[Any, tuple[int, int]] = {}  # ref -> (actor, part)
+    done: dict[int, PartScan] = {}
+    parts = iter(layout.parts)
+    following = 0
+    while True:
+        while len(pending) < IN_FLIGHT_PER_WORKER * len(pool):
+            part = next(parts, None)
+            if part is None:
+                break
+            slot = min(range(len(pool)), key=busy.__getitem__)
+            busy[slot] += 1
+            pending[pool[slot].scan.remote(layout, part)] = (slot, part.number)
+        if not pending:
+            break
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            slot, number = pending.pop(ref)
+            busy[slot] -= 1
+            done[number] = _get(ray, ref, None, f"reading part {number} of the corpus")
+        while following in done:
+            yield done.pop(following)
+            following += 1
+
+
+def _piece_chunks(
+    read: PartedRead, scans: Iterator[PartScan], chunk_size: int, advance: Callable[[int], None]
+) -> Iterator[tuple[int, PieceChunk, int]]:
+    """Numbered PieceChunks from the parts' scans: duplicates dropped in file order, as a
+    sequential read drops them (rows the read drops count as done for the progress bar)."""
+    from retriever.corpus.parts import chunk_segments
+
+    def kept() -> Iterator[tuple[int, Any]]:
+        for scan in scans:
+            rows = read.deduper.add(scan)
+            advance(scan.rows + len(scan.bad_rows) - len(rows))
+            yield scan.number, rows
+        read.deduper.finish()
+
+    for number, segments in enumerate(chunk_segments(kept(), chunk_size)):
+        chunk = PieceChunk(segments)
+        yield number, chunk, len(chunk)
 
 
 def fill_ivf(index, shards: ShardDir, sizes: list[int], workers: int) -> tuple[Any, Path]:
@@ -362,7 +450,7 @@ def _add_block(work_dir: str, block: int, numbers: list[int], first_ids: list[in
     return name
 
 
-def _get(ray, ref, number: int | None):
+def _get(ray, ref, number: int | None, doing: str | None = None):
     """ray.get, with a worker's error as one line (its own message when it is ours)."""
     try:
         return ray.get(ref)
@@ -370,7 +458,7 @@ def _get(ray, ref, number: int | None):
         cause = getattr(e, "cause", None)
         if isinstance(cause, RetrieverError):
             raise type(cause)(str(cause)) from None
-        what = f"shard {number}" if number is not None else "starting or adding vectors"
+        what = doing or (f"shard {number}" if number is not None else "starting or adding vectors")
         raise RetrieverError(
             f"a Ray worker failed on {what} ({_first_line(cause or e)}); run the same command to resume"
         ) from None

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 _OURS = re.compile(
     r"state\.json|state\.tmp|(meta|emb)-\d{5}\.(parquet|npy|tmp)|block-\d{5}\.(index|tmp)"
-    r"|trained\.(index|tmp)|index\.ivfdata"
+    r"|trained\.(index|tmp)|index\.ivfdata|piece-\d{5}\.(parquet|tmp)"
 )
 _KEY = b"retriever.shard"
 

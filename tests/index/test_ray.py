@@ -118,6 +118,9 @@ def test_ray_build_matches_the_local_one_after_a_killed_worker(
         toy_corpus, tmp_path / "ray", toy_model, chunk_size=64, show_progress_bar=False, engine="ray", ray=_ray()
     )
     assert int(marker.read_text()) != os.getpid()  # a real worker process died (Ray restarted it)
+    from retriever.index.distributed import last_timings
+
+    assert last_timings["parts"] == 5  # the actors read the corpus in parts (257 lines, 64 per chunk)
     assert result.embedded == 256 and result.report.as_dict() == local_toy.report.as_dict()
     A, B, xq = _same_index(result.path, local_toy.path)
     assert A.manifest["build"]["engine"] == "ray" and A.manifest["build"]["shards"] == 4
