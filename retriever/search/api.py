@@ -8,6 +8,8 @@ everything by the index model's image-text similarity).
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ MODES = ("retrieve", "generate", "hybrid")
 # measurable offline here); pass --min-score to tune.
 DEFAULT_MIN_SCORE = {"toyworld": 0.78}
 FALLBACK_MIN_SCORE = 0.3
+MASKS_KEPT = 8  # --where masks kept per Retriever (1 byte per row each)
 
 
 @dataclass
@@ -82,6 +85,8 @@ class Retriever:
             )
         self.index = index
         self.model = model
+        self._masks: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        self._mask_lock = threading.Lock()
         self.encoder = Encoder(model) if model is not None else None
         if model is not None and hasattr(generator, "folder"):  # a style decoder knows one CLIP model only
             from retriever.generate.style import check_same_clip
@@ -332,7 +337,6 @@ class Retriever:
     ) -> list[list[Hit]]:
         """Hits for each row of `xq` (normalised query vectors from this model), from every index
         merged by score, with the result options of `query_many`."""
-        from retriever.search.filters import where_mask
         from retriever.search.options import ResultOptions, search_indexes
 
         if not self.indexes:
@@ -340,7 +344,7 @@ class Retriever:
         if k < 1:
             raise RetrieverError(f"k must be at least 1, got {k}")
         options = ResultOptions(diversity=diversity, fetch_k=fetch_k, dedupe=dedupe, where=where)
-        masks = [where_mask(index.texts, where) for index in self.indexes] if where else None
+        masks = [self._mask(n, where) for n in range(len(self.indexes))] if where else None
         names = [Path(index.path).name for index in self.indexes]
         results = []
         for hits in search_indexes(self.indexes, xq, k, options, masks):
@@ -349,6 +353,25 @@ class Retriever:
             rows = [self.indexes[n].rows([i])[0] for n, _, i in hits]
             results.append([_hit(row, score, names[n]) for row, (n, score, _) in zip(rows, hits)])
         return results
+
+    def _mask(self, n: int, where: str) -> np.ndarray:
+        """Index n's row mask for `where`, computed once per expression: a server or a page
+        re-uses a filter query after query, and a mask over a million rows costs milliseconds."""
+        from retriever.search.filters import where_mask
+
+        key = (n, where)
+        with self._mask_lock:
+            mask = self._masks.get(key)
+            if mask is not None:
+                self._masks.move_to_end(key)
+                return mask
+        mask = where_mask(self.indexes[n].texts, where)
+        mask.flags.writeable = False
+        with self._mask_lock:
+            self._masks[key] = mask
+            while len(self._masks) > MASKS_KEPT:
+                self._masks.popitem(last=False)
+        return mask
 
     def _require_encoder(self) -> Encoder:
         if self.encoder is None:

@@ -128,7 +128,7 @@ def search_parameters(index: TextIndex, mask: np.ndarray | None) -> tuple[Any, A
     tuned = index.manifest.get("search_params") or {}
     factory = str(index.manifest.get("faiss_factory", ""))
     # Only a share of the visited rows match, so visit proportionally more to find as many.
-    widen = 1.0 / max(float(mask.mean()), 1e-6)
+    widen = len(mask) / max(int(np.count_nonzero(mask)), 1)
     if factory.startswith("HNSW"):
         ef = int(tuned.get("efSearch", 16))
         params = faiss.SearchParametersHNSW(sel=selector, efSearch=int(min(max(ef, ef * widen), 4096)))
@@ -174,7 +174,7 @@ def _candidates(index: TextIndex, xq: np.ndarray, fetch: int, mask: np.ndarray |
     """(D, I) of the `fetch` nearest rows allowed by `mask`; -1 ids pad rows with fewer."""
     import numpy as np
 
-    if mask is not None and mask.sum() <= BRUTE_FORCE_ROWS:
+    if mask is not None and np.count_nonzero(mask) <= BRUTE_FORCE_ROWS:
         allowed = np.flatnonzero(mask)
         try:
             xb = exact_vectors(index, allowed) if len(allowed) else np.empty((0, xq.shape[1]), np.float32)
@@ -199,6 +199,12 @@ def _candidates(index: TextIndex, xq: np.ndarray, fetch: int, mask: np.ndarray |
 
 
 _POOL: Any = None
+SCAN_ROWS = 100_000  # an exhaustive (flat) index this large takes milliseconds per query
+
+
+def _scans(index: TextIndex) -> bool:
+    """Whether a query reads the whole index (flat), so that several such searches gain from threads."""
+    return str(index.manifest.get("faiss_factory", "")).startswith("Flat") and len(index) >= SCAN_ROWS
 
 
 def _threads() -> Any:
@@ -220,13 +226,27 @@ def search_indexes(
     masks: Sequence[np.ndarray | None] | None = None,
 ) -> list[list[tuple[int, float, int]]]:
     """Search several indexes built with one model and merge by score (by MMR when diversity is
-    on): for each row of `xq`, the `k` best (index position, score, row id). The indexes are searched in parallel threads
-    (FAISS releases the GIL), so two cost about as much as the slower one where cores allow."""
+    on): for each row of `xq`, the `k` best (index position, score, row id). Large flat indexes are
+    searched in parallel threads (FAISS releases the GIL), so two cost about as much as the slower
+    one where cores allow."""
     masks = masks or [None] * len(indexes)
-    if len(indexes) == 1:
-        per_index = [search_index(indexes[0], xq, k, options, masks[0])]
+    if len(indexes) == 1 or not any(_scans(index) for index in indexes):
+        # HNSW and IVF answer in well under a millisecond: a thread hand-off would cost more
+        per_index = [search_index(index, xq, k, options, mask) for index, mask in zip(indexes, masks)]
     else:
-        per_index = list(_threads().map(lambda a: search_index(a[0], xq, k, options, a[1]), zip(indexes, masks)))
+        import os
+
+        # OpenMP's thread count is per calling thread: give each search its share of the cores,
+        # or every search starts a team on every core and they trip over each other (2x slower).
+        share = max(1, (os.cpu_count() or 1) // len(indexes))
+
+        def one(pair: tuple[TextIndex, np.ndarray | None]) -> list[tuple[np.ndarray, np.ndarray]]:
+            from retriever.index.faiss_import import import_faiss
+
+            import_faiss().omp_set_num_threads(share)
+            return search_index(pair[0], xq, k, options, pair[1])
+
+        per_index = list(_threads().map(one, zip(indexes, masks)))
     merged = []
     for q in range(len(per_index[0])):
         hits = [(n, float(s), int(i)) for n, results in enumerate(per_index) for s, i in zip(*results[q])]

@@ -150,3 +150,18 @@ def test_build_stores_exact_vectors_and_no_vectors_leaves_them_out(indexes, corp
     assert (np.asarray(stored[:50], dtype=np.float32) * fresh).sum(axis=1).min() > 0.999  # row i is text i
     build_index(corpus, tmp_path / "bare", toy_model, index_type="ivf", store_vectors=False, show_progress_bar=False)
     assert not (tmp_path / "bare" / VECTORS_FILE).exists()
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_several_indexes_merge_the_same_in_threads_or_in_turn(indexes, queries, monkeypatch, threads):
+    """Large flat indexes are searched in parallel threads (here: any size), others in turn; the
+    merge of an index with itself lists each of its hits twice, in score order, either way."""
+    import retriever.search.options as options
+
+    monkeypatch.setattr(options, "SCAN_ROWS", 0 if threads else 10**12)
+    merged = options.search_indexes([indexes["flat"], indexes["flat"]], queries, 6, ResultOptions())
+    alone = search_index(indexes["flat"], queries, 3, ResultOptions())
+    for hits, (scores, ids) in zip(merged, alone):
+        assert [i for _, _, i in hits] == np.repeat(ids, 2).tolist()
+        assert sorted(n for n, _, _ in hits[:2]) == [0, 1]
+        assert np.allclose([s for _, s, _ in hits], np.repeat(scores, 2))

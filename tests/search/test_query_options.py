@@ -48,6 +48,23 @@ def test_where_keeps_only_matching_rows(retriever, red_star):
     assert narrow[0].text.endswith("on the left")
 
 
+def test_a_where_mask_is_computed_once_per_expression(toy_index, red_star, monkeypatch):
+    import retriever.search.filters as filters
+
+    fresh = Retriever.open(toy_index, device="cpu")
+    calls = []
+    real = filters.where_mask
+    monkeypatch.setattr(filters, "where_mask", lambda *a: calls.append(a[1]) or real(*a))
+    first = fresh.query(red_star, k=3, where='colour = "blue"')
+    again = fresh.query(red_star, k=3, where='colour = "blue"')
+    other = fresh.query(red_star, k=3, where='colour = "green"')
+    assert calls == ['colour = "blue"', 'colour = "green"']
+    assert [h.text for h in first] == [h.text for h in again] and all(h.metadata["colour"] == "blue" for h in again)
+    assert all(h.metadata["colour"] == "green" for h in other)
+    with pytest.raises(ValueError):  # a cached mask cannot be changed by a caller
+        next(iter(fresh._masks.values()))[0] = True
+
+
 def test_minus_pushes_away_and_plus_pushes_towards(retriever, red_star):
     pushed = retriever.query(red_star, k=1, plus=["a large blue star on the left:2"])[0]
     assert pushed.text == "a large blue star on the left"
