@@ -4,11 +4,14 @@
     python scripts/train_toyworld.py                      # writes retriever/models/weights/toyworld/
     python scripts/train_toyworld.py --steps 50 --out /tmp/toy   # a quick smoke run
 
-The bundled weights are two runs (about 45 CPU-minutes on 2 cores): a first of 4,000 steps,
-then 2,000 more at a lower rate on a freshly drawn image pool:
+The bundled weights (version 3) are three runs (about 65 CPU-minutes on 2 cores): 4,000 steps
+with 16-pixel patches, 2,000 more at a lower rate on a freshly drawn image pool, then 1,500 with
+8-pixel patches, started from the second run's weights converted by `halve_patches` (16-pixel
+patches left a 4-pixel shape a few pixels inside one patch: the smallest shapes' errors):
 
     python scripts/train_toyworld.py --out /tmp/stage1
-    python scripts/train_toyworld.py --init /tmp/stage1 --seed 1 --lr 3e-4 --steps 2000
+    python scripts/train_toyworld.py --init /tmp/stage1 --seed 1 --lr 3e-4 --steps 2000 --out /tmp/stage2
+    python scripts/train_toyworld.py --init /tmp/stage2 --patch-size 8 --seed 2 --lr 3e-4 --steps 1500 --variants 192 --eval-every 250
 
 Reproducible: the same seed and thread count give the same weights. Each batch holds every
 caption exactly once (a fresh image each), so the contrastive loss never sees a duplicate
@@ -117,11 +120,33 @@ def cosine_lr(step: int, lr: float, warmup: int, steps: int) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def halve_patches(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights for half the patch size: the patch kernel summed over 2x2 pixel blocks and the
+    position grid interpolated to twice the side, so the new model starts as the old one applied
+    to the image upsampled 2x (nearest), and only has to learn the finer detail."""
+    state = dict(state)
+    w = state["visual.conv1.weight"]
+    side = w.shape[-1] // 2
+    state["visual.conv1.weight"] = w.reshape(w.shape[0], w.shape[1], side, 2, side, 2).sum(dim=(3, 5))
+    pos = state["visual.positional_embedding"]
+    grid = round((pos.shape[0] - 1) ** 0.5)
+    old = pos[1:].reshape(grid, grid, -1).permute(2, 0, 1)[None]
+    new = torch.nn.functional.interpolate(old, size=(2 * grid, 2 * grid), mode="bilinear", align_corners=False)
+    state["visual.positional_embedding"] = torch.cat([pos[:1], new[0].permute(1, 2, 0).reshape(4 * grid * grid, -1)])
+    return state
+
+
 def main() -> None:
     parser = training_args(__doc__, steps=4000, variants=256, eval_every=500)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--partial-weight", type=float, default=0.5, help="weight of the partial-caption loss")
     parser.add_argument("--init", type=Path, help="continue from these weights (a folder this script wrote)")
+    parser.add_argument(
+        "--patch-size",
+        type=int,
+        default=16,
+        help="vision patch size; half of --init's converts its weights (halve_patches)",
+    )
     args = parser.parse_args()
 
     import open_clip
@@ -130,13 +155,17 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    model = open_clip.CLIP(**MODEL_CFG)
+    model_cfg = {**MODEL_CFG, "vision_cfg": {**MODEL_CFG["vision_cfg"], "patch_size": args.patch_size}}
+    model = open_clip.CLIP(**model_cfg)
     if args.init is not None:
         from safetensors.torch import load_file
 
-        model.load_state_dict({k: v.float() for k, v in load_file(args.init / "open_clip_model.safetensors").items()})
+        state = {k: v.float() for k, v in load_file(args.init / "open_clip_model.safetensors").items()}
+        model.load_state_dict(
+            halve_patches(state) if state["visual.conv1.weight"].shape[-1] == 2 * args.patch_size else state
+        )
     preprocess = open_clip.image_transform(64, is_train=False, mean=PREPROCESS_CFG["mean"], std=PREPROCESS_CFG["std"])
-    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=MODEL_CFG["text_cfg"]["context_length"])
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model_cfg["text_cfg"]["context_length"])
     loss_fn = ClipLoss()
     optimizer = adamw(model, args.lr)
 
@@ -191,7 +220,7 @@ def main() -> None:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     write_config(
         args.out,
-        MODEL_CFG,
+        model_cfg,
         {
             "training": {
                 "script": "scripts/train_toyworld.py",
@@ -204,7 +233,7 @@ def main() -> None:
                 "heldout_styles_r_at_1": held_out,
                 "partial_weight": args.partial_weight,
                 "init": str(args.init) if args.init else None,
-                "version": 2,
+                "version": 3 if args.patch_size == 8 else 2,
             }
         },
     )

@@ -4,6 +4,15 @@
     python scripts/train_toyworld_zh.py                       # writes retriever/models/weights/toyworld-zh/
     python scripts/train_toyworld_zh.py --steps 50 --out /tmp/toy-zh   # a quick smoke run
 
+The bundled weights locked the v2 English tower (16-pixel patches), not today's v3 `toyworld`:
+retrained on v3's tower the same run measured random 0.767, classic 0.865, plain-smallest 0.860,
+flat-classic 0.873 (bench/toy_zh.py) against 0.738 / 0.900 / 0.805 / 0.930, not better overall.
+To reproduce them, take the v2 tower from git:
+
+    mkdir -p /tmp/v2 && for f in open_clip_config.json open_clip_model.safetensors; do
+      git show bb96763:retriever/models/weights/toyworld/$f > /tmp/v2/$f; done
+    python scripts/train_toyworld_zh.py --english /tmp/v2
+
 Captions are `{position}有一个{size}的{colour}{shape}` (左边有一个大的红色五角星). The model is
 `retriever.models.cnclip_net.ChineseCLIP` with cn_clip's parameter names, a BERT text tower over
 the bundled Chinese BERT vocabulary, and it loads through the same path as a released Chinese-CLIP
@@ -60,7 +69,7 @@ MODEL_CFG = {
 CONTEXT_LENGTH = 52
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "retriever" / "models" / "weights" / "toyworld-zh"
-ENGLISH = ROOT / "retriever" / "models" / "weights" / "toyworld" / "open_clip_model.safetensors"
+ENGLISH = ROOT / "retriever" / "models" / "weights" / "toyworld"
 PARTIAL_TEMPLATES_ZH = (
     "{colour}",
     "{shape}",
@@ -168,6 +177,7 @@ def recall_at_1(model, tokenizer, pixels: torch.Tensor, captions: list[str]) -> 
 def main() -> None:
     parser = training_args(__doc__, steps=800, variants=64, eval_every=200)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--english", type=Path, default=ENGLISH, help="the English toyworld whose image tower to use")
     parser.add_argument("--partial-weight", type=float, default=0.5, help="weight of the partial-caption loss")
     parser.add_argument("--negatives", type=int, default=64, help="distractor lines per batch")
     parser.add_argument("--train-image-tower", action="store_true", help="train all of the image tower (slow on a CPU)")
@@ -181,8 +191,11 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    english_cfg = json.loads((args.english / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
+    MODEL_CFG["vision_patch_size"] = english_cfg["patch_size"]  # the image tower is the English one
     model = ChineseCLIP(MODEL_CFG)
-    english = {k: v.float() for k, v in load_file(str(ENGLISH)).items() if k.startswith("visual.")}
+    weights = args.english / "open_clip_model.safetensors"
+    english = {k: v.float() for k, v in load_file(str(weights)).items() if k.startswith("visual.")}
     model.load_state_dict(english, strict=False)
     frozen = 0 if args.train_image_tower else len(model.visual.transformer.resblocks) - args.train_blocks
     if not args.train_image_tower:
