@@ -63,6 +63,7 @@ class TextIndex:
     placement: Placement = field(default_factory=Placement)
     refine_vectors: Any = None  # memory-mapped exact vectors when the tuning chose re-ranking
     k_factor: int = 1
+    mapped_vectors: Any = field(default=None, repr=False)  # vectors.f16.npy once mapped (False: absent)
 
     def __len__(self) -> int:
         return int(self.faiss_index.ntotal)

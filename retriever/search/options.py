@@ -81,7 +81,10 @@ def stored_vectors(index: TextIndex) -> Any | None:
     index was built without them (`--no-vectors`)."""
     if index.refine_vectors is not None:
         return index.refine_vectors
-    return map_vectors(Path(index.path), len(index), int(index.faiss_index.d))
+    if index.mapped_vectors is None:  # mapped once per index: opening the file costs more than a search
+        mapped = map_vectors(Path(index.path), len(index), int(index.faiss_index.d))
+        index.mapped_vectors = False if mapped is None else mapped
+    return None if index.mapped_vectors is False else index.mapped_vectors
 
 
 def can_rerank(index: TextIndex) -> bool:
@@ -101,7 +104,11 @@ def exact_vectors(index: TextIndex, ids: np.ndarray | Sequence[int]) -> np.ndarr
 
     vectors = stored_vectors(index)
     if vectors is not None:
-        return np.asarray(vectors[np.asarray(ids)], dtype=np.float32)
+        ids = np.asarray(ids)
+        order = np.argsort(ids, kind="stable")  # read the mapped file in order, not at random
+        out = np.empty((len(ids), vectors.shape[1]), dtype=np.float32)
+        out[order] = vectors[ids[order]]
+        return out
     factory = str(index.manifest.get("faiss_factory", ""))
     if can_rerank(index):
         return index.faiss_index.reconstruct_batch(np.asarray(ids, dtype=np.int64))

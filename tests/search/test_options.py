@@ -111,7 +111,9 @@ def test_diversity_lowers_intra_list_similarity_with_top1_unchanged(indexes, que
 
 
 def test_approximate_index_without_vectors_says_what_it_needs(indexes, queries, tmp_path):
-    index = indexes["ivf"]
+    import dataclasses
+
+    index = dataclasses.replace(indexes["ivf"], mapped_vectors=None)  # as if opened without the file
     vectors = index.path / VECTORS_FILE
     if vectors.exists():
         vectors.rename(tmp_path / "kept.npy")

@@ -140,12 +140,12 @@ def test_plus_and_minus_steer_the_results(client):
     assert texts(faint)[0] == RED_STAR
     image = png(GREEN_TRIANGLE)
     form = client.post(
-        "/v1/query", files={"image": ("t.png", image, "image/png")}, data={"plus": ["blue", "circle:0.5"], "k": "3"}
+        "/v1/query", files={"image": ("t.png", image, "image/png")}, data={"plus": ["blue", "circle:1.5"], "k": "3"}
     )  # a repeated field: both count
     assert form.status_code == 200, form.text
     b64 = base64.b64encode(image).decode()
     assert texts(form.json()) == texts(
-        ask(client, image_base64=b64, k=3, plus=["blue", {"text": "circle", "weight": 0.5}])
+        ask(client, image_base64=b64, k=3, plus=["blue", {"text": "circle", "weight": 1.5}])
     )
     assert texts(form.json()) != texts(ask(client, image_base64=b64, k=3, plus=["blue"]))
     assert "blue" in texts(ask(client, image_base64=b64, k=3, plus=["blue:2"]))[0]
