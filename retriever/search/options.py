@@ -32,9 +32,9 @@ if TYPE_CHECKING:
 # with an id selector.
 BRUTE_FORCE_ROWS = 65_536
 # clip-retrieval's dedupe threshold. `query`'s default (the library's is off) was measured with
-# bench/toy_diversity.py (docs/search.md): at 0.95, 74% of rewordings of one toy caption merge with
+# bench/toy_diversity.py (docs/search.md): at 0.95, 72% of rewordings of one toy caption merge with
 # it and no two captions that differ in one attribute do (those stay below 0.77), so intra-list
-# similarity drops from 0.80 to 0.67 with top-1 unchanged. Lower thresholds merge more rewordings
+# similarity drops from 0.81 to 0.67 with top-1 unchanged. Lower thresholds merge more rewordings
 # there, but real CLIP text spaces are far more crowded than the toy one (clip-retrieval settled on
 # 0.94 for them), so the default stays just above clip-retrieval's.
 CLIP_RETRIEVAL_DEDUPE = 0.94
