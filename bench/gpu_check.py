@@ -71,11 +71,21 @@ def require_gpu() -> str | None:
             f"CUDA build: {torch.version.cuda or 'none, a CPU-only torch'})"
         )
     try:
-        import faiss
+        import faiss  # noqa: F401
     except ImportError:
-        return "faiss is not installed: pip install 'retriever[gpu]' (faiss-gpu-cu12)"
+        return "faiss is not installed: pip install 'caption-retriever[gpu]' (faiss-gpu-cu12)"
+    return None
+
+
+def faiss_without_gpu() -> str | None:
+    """Why faiss cannot use the GPU, or None. The faiss rows then fail saying so; the torch rows still run."""
+    import faiss
+
     if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
-        return "faiss has no GPU: this is faiss-cpu; pip uninstall faiss-cpu && pip install 'retriever[gpu]'"
+        return (
+            f"faiss {getattr(faiss, '__version__', '?')} has no GPU (faiss-cpu, or faiss-gpu without its CUDA "
+            "runtime); pip uninstall faiss-cpu && pip install 'caption-retriever[gpu]'"
+        )
     return None
 
 
@@ -105,27 +115,39 @@ def toy_images(n: int, seed: int = 0):
 
 @row("encode texts and images, fp16 / bf16 vs fp32")
 def check_precision(loaded, texts, images, device, batch):
+    """The model cast to each dtype, as `--precision` does (load_model), through retriever's Encoder;
+    each timed after a warm-up batch, so the rates are the encoder's and not CUDA's start-up."""
     import torch
 
     from retriever.models.encoder import Encoder
 
-    enc = Encoder(loaded)
+    fp32_state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
     out, parts = {}, []
-    for name, dtype in (("fp32", None), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        loaded.model.load_state_dict(fp32_state)
+        loaded.model.to(dtype=dtype)
+        enc = Encoder(loaded)
+        enc.encode_text(texts[:batch], batch_size=batch, show_progress_bar=False)
+        enc.encode_image(images[:8], batch_size=batch, show_progress_bar=False)
         sync(device)
         start = time.perf_counter()
-        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not None):
-            t = enc.encode_text(texts, batch_size=batch, show_progress_bar=False)
-            i = enc.encode_image(images, batch_size=batch, show_progress_bar=False)
+        t = enc.encode_text(texts, batch_size=batch, show_progress_bar=False)
         sync(device)
-        out[name] = (t, i, len(texts) / (time.perf_counter() - start))
+        middle = time.perf_counter()
+        i = enc.encode_image(images, batch_size=batch, show_progress_bar=False)
+        sync(device)
+        out[name] = (t, i, len(texts) / (middle - start), len(images) / (time.perf_counter() - middle))
+    loaded.model.load_state_dict(fp32_state)
+    loaded.model.to(dtype=torch.float32)
     ok = True
+    parts.append(f"fp32: {out['fp32'][2]:,.0f} texts/s, {out['fp32'][3]:,.0f} images/s")
     for name in ("fp16", "bf16"):
         cos_t = float((out[name][0] * out["fp32"][0]).sum(1).min())
         cos_i = float((out[name][1] * out["fp32"][1]).sum(1).min())
         ok &= bool(min(cos_t, cos_i) > 0.99)
         parts.append(
-            f"{name}: min cosine texts {cos_t:.4f}, images {cos_i:.4f}, {out[name][2] / out['fp32'][2]:.1f}x fp32 speed"
+            f"{name}: min cosine texts {cos_t:.4f}, images {cos_i:.4f}; {out[name][2]:,.0f} texts/s, "
+            f"{out[name][3]:,.0f} images/s"
         )
     return "; ".join(parts), ok
 
@@ -141,6 +163,8 @@ def check_ivfpq(n, d, nlist, m, device):
 
 
 def _check_faiss(factory, n, d, device):
+    if device == "cuda" and (why := faiss_without_gpu()):
+        raise RuntimeError(f"not run: {why}")
     from retriever.index.ann import exact_neighbors, recall_at_k
     from retriever.index.faiss_import import import_faiss
     from retriever.index.gpu import gpu_search, place, set_gpu_params, training_quantizer
@@ -244,8 +268,10 @@ def check_finetune(device, batch, steps):
         )
     losses = [x for x in losses if x is not None]
     ok = len(losses) == steps and all(math.isfinite(x) for x in losses)
+    few = max(1, len(losses) // 4)  # one batch's loss swings with how many captions it repeats
     return (
-        f"{len(losses)} steps, precision {opts.precision}, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+        f"{len(losses)} steps, precision {opts.precision}, mean loss of the first {few} steps "
+        f"{np.mean(losses[:few]):.4f}, of the last {few} {np.mean(losses[-few:]):.4f}"
         if losses
         else f"no steps ran ({result})",
         ok,
@@ -282,22 +308,29 @@ def check_serve(index_dir, device, n_queries):
     )
 
 
-@row("B1: build throughput")
+@row("B1: build throughput, fp32 and fp16")
 def check_b1(loaded, texts, device, batch):
+    import torch
+
     from retriever.index.build import build_index
 
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text("\n".join(texts) + "\n")
-        sync(device)
-        start = time.perf_counter()
-        result = build_index(
-            corpus, Path(tmp) / "index", loaded, batch_size=batch, index_type="flat", show_progress_bar=False
-        )
-        sync(device)
-        rate = result.report.kept / (time.perf_counter() - start)
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+        loaded.model.to(dtype=dtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = Path(tmp) / "corpus.txt"
+            corpus.write_text("\n".join(texts) + "\n")
+            sync(device)
+            start = time.perf_counter()
+            result = build_index(
+                corpus, Path(tmp) / "index", loaded, batch_size=batch, index_type="flat", show_progress_bar=False
+            )
+            sync(device)
+            rates[name] = result.report.kept / (time.perf_counter() - start)
+    loaded.model.to(dtype=torch.float32)
     return (
-        f"{loaded.spec.name}, {result.report.kept:,} texts, batch {batch}: {rate:,.0f} texts/s",
+        f"{loaded.spec.name}, {result.report.kept:,} texts, batch {batch}: "
+        + ", ".join(f"{name} {rate:,.0f} texts/s" for name, rate in rates.items()),
         result.report.kept > 0,
     )
 
@@ -370,8 +403,13 @@ def main(argv: list[str] | None = None) -> int:
         check_serve(index_dir, device, 10 if quick else 100)
         check_b2(index_dir, device, 5 if quick else 30)
     check_b1(loaded, texts, device, batch)
+    import faiss
+
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (dry run)"
-    print(f"\n{name}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s in all\n")
+    print(
+        f"\n{name}, torch {torch.__version__} (CUDA {torch.version.cuda}), faiss {faiss.__version__}, "
+        f"{time.perf_counter() - start:.0f} s in all\n"
+    )
     print("| check | result | s | ok |")
     print("| --- | --- | --- | --- |")
     for check, result, seconds, ok in ROWS:
