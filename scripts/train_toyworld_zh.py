@@ -4,33 +4,31 @@
     python scripts/train_toyworld_zh.py                       # writes retriever/models/weights/toyworld-zh/
     python scripts/train_toyworld_zh.py --steps 50 --out /tmp/toy-zh   # a quick smoke run
 
-The bundled weights locked the v2 English tower (16-pixel patches), not today's v3 `toyworld`:
-retrained on v3's tower the same run measured random 0.767, classic 0.865, plain-smallest 0.860,
-flat-classic 0.873 (bench/toy_zh.py) against 0.738 / 0.900 / 0.805 / 0.930, not better overall.
-To reproduce them, take the v2 tower from git:
-
-    mkdir -p /tmp/v2 && for f in open_clip_config.json open_clip_model.safetensors; do
-      git show bb96763:retriever/models/weights/toyworld/$f > /tmp/v2/$f; done
-    python scripts/train_toyworld_zh.py --english /tmp/v2
+The image tower and projection are the bundled English `toyworld`'s (`--english DIR` for
+another), locked; the Chinese text tower learns to match them (below). About 8 CPU-minutes.
 
 Captions are `{position}有一个{size}的{colour}{shape}` (左边有一个大的红色五角星). The model is
 `retriever.models.cnclip_net.ChineseCLIP` with cn_clip's parameter names, a BERT text tower over
 the bundled Chinese BERT vocabulary, and it loads through the same path as a released Chinese-CLIP
 checkpoint (`cn_clip_config.json` + safetensors).
 
-Like the v2 English toy: every image is drawn in a random training style, the model also learns
+Like the v2 English toy, every image is drawn in a random training style, the model also learns
 partial captions (红色, 五角星, 左边, 红色五角星, ...), and progress lines report R@1 on the
-held-out styles. Two additions for a Chinese corpus:
+held-out styles. What is particular to it:
 - the image tower is the English `toyworld`'s (the same ViT, as cn_clip's is OpenAI's), locked
-  as in LiT (Zhai et al., 2022): the v2 English tower already separates the world across
-  rendering styles, so its blocks stay frozen, their output for the pre-rendered pool is
-  computed once, and only the image projection, the Chinese text tower and the temperature
-  train. `--train-blocks N` also trains the tower's last N blocks, `--train-image-tower` all of it
-  (much more slowly);
-- each batch also scores every image against 256 Chinese lines that describe no scene (random
+  as in LiT (Zhai et al., 2022): its output for the pre-rendered pool is computed once, and only
+  the Chinese text tower and the temperature train. `--train-blocks N` also trains the tower's
+  last N blocks, `--train-image-tower` all of it (much more slowly);
+- distillation (`--distill-weight`): each Chinese caption and partial caption is pulled onto the
+  English model's text vector for its translation (ENGLISH_TEMPLATES), so the Chinese text tower
+  lands in the English model's space (multilingual distillation, Reimers & Gurevych 2020; M-CLIP);
+  the image projection then stays the English one;
+- each batch also scores every image against 64 Chinese lines that describe no scene (random
   characters from the whole vocabulary, and captions with a colour, shape, size or position
-  outside the world), so unseen characters learn to match nothing. `distractor_lines` draws
-  them; the tests draw theirs with other words and another seed.
+  outside the world; `distractor_lines`) and, per image, `--hard-negatives` lines that swap one
+  of its own attributes for a listed word or random characters (`swapped_lines`), so that any
+  unknown word in a slot breaks the match. The tests and bench/toy_zh.py draw theirs with words
+  training never shows (OTHER_WORDS["test"]).
 
 Reproducible: the same seed and thread count give the same weights.
 """
@@ -81,6 +79,18 @@ PARTIAL_TEMPLATES_ZH = (
     "{position}有一个{shape}",
     "{position}有一个{colour}{shape}",
 )
+# The English toy model's text for each Chinese template (None: English has no such template).
+ENGLISH_TEMPLATES = (
+    "{colour}",
+    "{shape}",
+    "{size}",
+    "on the {position}",
+    "a {colour} {shape}",
+    "a {size} {shape}",
+    "a {size} {colour} {shape}",
+    "a {shape} on the {position}",
+    None,
+)
 # Words outside the world, for distractor captions; the tests use OTHER_WORDS["test"].
 OTHER_WORDS = {
     "train": {
@@ -103,18 +113,47 @@ def zh(template: str, scene: toyworld.Scene) -> str:
     return template.format(size=Z[scene.size], colour=Z[scene.colour], shape=Z[scene.shape], position=Z[scene.position])
 
 
+def near_lines(scene: toyworld.Scene, words: str = "train") -> list[str]:
+    """`scene`'s caption with one attribute swapped for a word outside the world (OTHER_WORDS[words])."""
+    out = []
+    for slot, replacements in OTHER_WORDS[words].items():
+        for word in replacements:
+            parts = {k: toyworld.ZH[getattr(scene, k)] for k in OTHER_WORDS[words]}
+            parts[slot] = word
+            out.append(f"{parts['position']}有一个{parts['size']}的{parts['colour']}{parts['shape']}")
+    return out
+
+
+def swapped_lines(scene: toyworld.Scene, n: int, rng: np.random.Generator, chars: list[str]) -> list[str]:
+    """`n` lines that swap one of `scene`'s attributes for something outside the world: a word of
+    OTHER_WORDS["train"] or 1-3 random characters (half the time ending in 形, as most shape
+    names do), so that the model learns that any unknown word in a slot breaks the match, not only
+    the words it was shown."""
+    out = []
+    slots = list(OTHER_WORDS["train"])
+    for _ in range(n):
+        parts = {k: toyworld.ZH[getattr(scene, k)] for k in slots}
+        slot = slots[int(rng.integers(len(slots)))]
+        if rng.random() < 0.3:
+            word = OTHER_WORDS["train"][slot][int(rng.integers(len(OTHER_WORDS["train"][slot])))]
+        else:
+            word = "".join(chars[i] for i in rng.integers(len(chars), size=int(rng.integers(1, 4))))
+            if slot == "shape" and rng.random() < 0.5:
+                word += "形"
+            elif slot == "colour" and rng.random() < 0.5:
+                word += "色"
+        if word == parts[slot]:
+            word += "的"
+        parts[slot] = word
+        out.append(f"{parts['position']}有一个{parts['size']}的{parts['colour']}{parts['shape']}")
+    return out
+
+
 def distractor_lines(n: int, seed: int, words: str = "train") -> list[str]:
     """`n` Chinese lines that describe no toy scene: up to half of them captions with one attribute
     outside the world (from OTHER_WORDS[words]), the rest random characters, in a random order."""
     rng = np.random.default_rng(seed)
-    other = OTHER_WORDS[words]
-    near = []
-    for scene in toyworld.all_scenes():
-        for slot, replacements in other.items():
-            for word in replacements:
-                parts = {k: toyworld.ZH[getattr(scene, k)] for k in other}
-                parts[slot] = word
-                near.append(f"{parts['position']}有一个{parts['size']}的{parts['colour']}{parts['shape']}")
+    near = [line for scene in toyworld.all_scenes() for line in near_lines(scene, words)]
     near = [near[i] for i in rng.permutation(len(near))[: n // 2]]
     chars = [w for w in WordPieceTokenizer().vocab if len(w) == 1 and is_cjk(w)]
     real, out = set(toyworld.all_captions("zh")), dict.fromkeys(near)
@@ -184,6 +223,19 @@ def main() -> None:
     parser.add_argument(
         "--train-blocks", type=int, default=0, help="last image-tower blocks to train (the rest stay frozen)"
     )
+    parser.add_argument(
+        "--distill-weight",
+        type=float,
+        default=1.0,
+        help="weight of the loss pulling each Chinese text onto the English model's vector for its translation "
+        "(0: off); above 0 the image projection stays the English one",
+    )
+    parser.add_argument(
+        "--hard-negatives",
+        type=int,
+        default=4,
+        help="per image, lines that swap one of its attributes for a word outside the world",
+    )
     parser.set_defaults(lr=2e-3, warmup=20)  # the bundled weights' run
     args = parser.parse_args()
 
@@ -202,7 +254,10 @@ def main() -> None:
         model.visual.requires_grad_(False)
         for module in (*model.visual.transformer.resblocks[frozen:], model.visual.ln_post):
             module.requires_grad_(True)
-        model.visual.proj.requires_grad_(True)
+        model.visual.proj.requires_grad_(args.distill_weight == 0)
+        model.visual.ln_post.requires_grad_(
+            args.distill_weight == 0 or frozen < len(model.visual.transformer.resblocks)
+        )
     preprocess = preprocess_for(MODEL_CFG["image_resolution"])
     tokenizer = WordPieceTokenizer(context_length=CONTEXT_LENGTH)
     optimizer = adamw(model, args.lr)  # frozen parameters get no gradient, so AdamW leaves them as they are
@@ -227,6 +282,9 @@ def main() -> None:
     )
     bounds = torch.tensor([0] + [len(t) for t in partial_texts]).cumsum(0).tolist()
     negative_tokens = tokenizer(distractor_lines(20_000, seed=args.seed))
+    chars = [w for w in tokenizer.vocab if len(w) == 1 and is_cjk(w)]
+    swap_rng = np.random.default_rng(args.seed)
+    teacher_full, teacher_partial, distilled = english_targets(args.english, scenes, partial_texts)
     generator = torch.Generator().manual_seed(args.seed)
     ce = torch.nn.functional.cross_entropy
     start = time.perf_counter()
@@ -245,12 +303,22 @@ def main() -> None:
         negatives = model.encode_text(negative_tokens[pick], normalize=True)
         scale = model.logit_scale.exp()
         target = torch.arange(len(order))
-        loss = (
-            ce(scale * image_features @ torch.cat([text_features, negatives]).T, target)
-            + ce(scale * text_features @ image_features.T, target)
-        ) / 2
+        image_logits = scale * image_features @ torch.cat([text_features, negatives]).T
+        if args.hard_negatives > 0:
+            lines = [
+                line for i in order.tolist() for line in swapped_lines(scenes[i], args.hard_negatives, swap_rng, chars)
+            ]
+            near = model.encode_text(tokenizer(lines), normalize=True)
+            near = near.view(len(order), args.hard_negatives, -1)
+            image_logits = torch.cat([image_logits, scale * (image_features[:, None, :] * near).sum(-1)], dim=1)
+        loss = (ce(image_logits, target) + ce(scale * text_features @ image_features.T, target)) / 2
+        partial = model.encode_text(partial_tokens, normalize=True)
+        if args.distill_weight > 0:
+            pulled = torch.cat(
+                [(text_features * teacher_full[order]).sum(-1), (partial[distilled] * teacher_partial).sum(-1)]
+            )
+            loss = loss + args.distill_weight * (1 - pulled).mean()
         if args.partial_weight > 0:
-            partial = model.encode_text(partial_tokens, normalize=True)
             per_template = [
                 ce(scale * image_features @ partial[lo:hi].T, owner[j, order])
                 for j, (lo, hi) in enumerate(zip(bounds, bounds[1:]))
@@ -273,6 +341,28 @@ def main() -> None:
                 flush=True,
             )
             save(model, args, step + 1, start, r1, held_out)  # the latest, so a run can be stopped at any eval
+
+
+@torch.no_grad()
+def english_targets(english: Path, scenes, partial_texts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The English toy model's text vectors for each scene's caption and for the Chinese partial texts
+    that have an English template (ENGLISH_TEMPLATES), with the indices of those partial texts."""
+    from retriever.models.encoder import Encoder
+    from retriever.models.loading import load_model
+
+    encoder = Encoder(load_model(f"local-dir:{english}", device="cpu"))
+    full = torch.from_numpy(encoder.encode_text([s.caption for s in scenes], show_progress_bar=False))
+    rows, texts, start = [], [], 0
+    for zh_template, en_template, zh_texts in zip(PARTIAL_TEMPLATES_ZH, ENGLISH_TEMPLATES, partial_texts):
+        if en_template is not None:
+            for scene in scenes:  # zh_texts holds each distinct text once, in first-scene order
+                row = start + zh_texts.index(zh(zh_template, scene))
+                if row not in rows:
+                    rows.append(row)
+                    texts.append(toyworld.partial_caption(en_template, scene))
+        start += len(zh_texts)
+    partial = torch.from_numpy(encoder.encode_text(texts, show_progress_bar=False))
+    return full.clone(), partial.clone(), torch.tensor(rows)
 
 
 def save(model, args, steps: int, start: float, r1: float, held_out: dict) -> None:
@@ -298,6 +388,11 @@ def save(model, args, steps: int, start: float, r1: float, held_out: dict) -> No
             "heldout_r_at_1": r1,
             "heldout_styles_r_at_1": held_out,
             "partial_weight": args.partial_weight,
+            "distill_weight": args.distill_weight,
+            "hard_negatives": args.hard_negatives,
+            "english_tower": str(args.english.relative_to(ROOT))
+            if args.english.is_relative_to(ROOT)
+            else str(args.english),
         },
     }
     (args.out / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

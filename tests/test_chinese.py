@@ -102,3 +102,36 @@ def test_server_answers_in_utf8_and_dedupes_width_forms(zh_index):
 
     kept = _dedupe([SimpleNamespace(text=t) for t in ("红色五角星，ＡＢＣ", "红色 五角星,abc", "蓝色圆形")])
     assert [h.text for h in kept] == ["红色五角星，ＡＢＣ", "蓝色圆形"] and hit["rank"] == 1
+
+
+def test_toyworld_zh_quality_on_held_out_renders_with_10k_unseen_distractors(zh_model, tmp_path):
+    """Issue 14's target: R@1 >= 0.95 on held-out renders against the 256 Chinese captions plus
+    10,000 lines that describe no scene, half of them captions with one attribute swapped for a
+    word training never showed (梯形, 银色, 右上角, ...), half random characters. Held out means
+    rendering styles training never drew; the classic look (new images of a training-like style)
+    gets a floor: there the shared English image tower itself scores about 0.95, so the Chinese
+    model, which keeps that tower, cannot do better (bench/toy_zh.py)."""
+    import sys
+
+    import numpy as np
+
+    from retriever.index.build import build_index
+    from retriever.search.api import Retriever
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from train_toyworld_zh import distractor_lines
+
+    corpus = tmp_path / "corpus.txt"
+    lines = toyworld.all_captions("zh") + distractor_lines(10_000, seed=31, words="test")
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = build_index(corpus, tmp_path / "idx", zh_model, show_progress_bar=False)
+    assert out.report.kept == 10_256
+    retriever = Retriever.open(out.path)
+    scores = {}
+    for style in [None, *toyworld.HELD_OUT_STYLES]:
+        pairs = list(toyworld.sample(300, seed=31, style=style, lang="zh"))
+        results = retriever.query_many([im for im, _ in pairs], k=1)
+        scores[style or "classic"] = np.mean([hits[0].text == caption for hits, (_, caption) in zip(results, pairs)])
+    print(f"toyworld-zh R@1 with 10,000 distractors: {scores}")
+    assert min(scores[style] for style in toyworld.HELD_OUT_STYLES) >= 0.95, scores
+    assert scores["classic"] >= 0.93, scores
