@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "models"))
+import alt_toyworld  # noqa: E402
 from train_toyworld_zh import distractor_lines  # noqa: E402
 
 from retriever.index.build import build_index  # noqa: E402
@@ -37,8 +39,9 @@ def main() -> None:
     loaded = load_model(args.model, device="cpu")
     styles = ["random", None, *toyworld.HELD_OUT_STYLES, *toyworld.STRESS_STYLES]
     samples = {style: list(toyworld.sample(args.images, seed=2024, style=style, lang="zh")) for style in styles}
+    samples["alt-renderer"] = alt_renders(args.images, seed=2024)
     print(f"{'style':>15}  " + "  ".join(f"{name:>22}" for name in ("256 captions only", *DISTRACTORS)))
-    rows: dict = {style: [] for style in styles}
+    rows: dict = {style: [] for style in samples}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in [("none", [])] + [
             (name, distractor_lines(10_000, seed=777, words=w)) for name, w in DISTRACTORS.items()
@@ -52,6 +55,12 @@ def main() -> None:
                 rows[style].append(np.mean([hits[0].text == caption for hits, (_, caption) in zip(results, pairs)]))
     for style, values in rows.items():
         print(f"{style or 'classic':>15}  " + "  ".join(f"{v:>22.3f}" for v in values), flush=True)
+
+
+def alt_renders(n: int, seed: int) -> list:
+    """An independently written renderer's images (tests/models/alt_toyworld.py), captioned in Chinese."""
+    chinese = {scene.caption: scene.caption_zh for scene in toyworld.all_scenes()}
+    return [(image, chinese[caption]) for image, caption in alt_toyworld.sample(n, seed)]
 
 
 # 10,000 lines each: half the captions with one attribute swapped for a word outside the world, half

@@ -14,7 +14,7 @@ $R query indexes/demo-images --index indexes/toyworld -k 3
 echo "== 中文: a Chinese corpus indexed with the bundled Chinese toy model (toyworld-zh), queried by image and by a Chinese text"
 $R build-index examples/toyworld-zh.tsv --model toyworld-zh --out indexes/toyworld-zh --overwrite
 $R query examples/red_star.png --index indexes/toyworld-zh -k 3
-$R query --text "左边的红色五角星" --index indexes/toyworld-zh -k 3
+$R query --text "左边有一个红色五角星" --index indexes/toyworld-zh -k 3
 echo "== captions written by the bundled toy CoCa, then hybrid mode: retrieved and generated captions reranked"
 echo "   (a generated caption that the index already holds is listed once, as retrieved)"
 $R caption indexes/demo-images --generator toyworld-coca
