@@ -167,3 +167,34 @@ def test_several_indexes_merge_the_same_in_threads_or_in_turn(indexes, queries, 
         assert [i for _, _, i in hits] == np.repeat(ids, 2).tolist()
         assert sorted(n for n, _, _ in hits[:2]) == [0, 1]
         assert np.allclose([s for _, s, _ in hits], np.repeat(scores, 2))
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_id_selector_path_returns_k_matching_rows(indexes, queries, kind, monkeypatch):
+    """With the brute-force shortcut off, the filter runs inside FAISS (id selector, widened
+    efSearch / nprobe): k hits, all matching, and mostly the exact ones."""
+    from retriever.search import options as options_module
+
+    monkeypatch.setattr(options_module, "BRUTE_FORCE_ROWS", 0)
+    index = indexes[kind]
+    mask = where_mask(index.texts, 'source = "toy" and colour in ("red", "blue")')
+    xb = brute_vectors(index)
+    allowed = np.flatnonzero(mask)
+    found = []
+    for (_, ids), q in zip(search_index(index, queries, 10, ResultOptions(), mask=mask), queries):
+        assert len(ids) == 10 and mask[ids].all()
+        found.append(len(set(ids.tolist()) & set(allowed[np.argsort(-(xb[allowed] @ q))[:10]].tolist())) / 10)
+    assert np.mean(found) >= 0.9
+
+
+def test_a_reused_mask_is_packed_once_and_a_new_one_afresh():
+    from retriever.search.options import _packed
+
+    a = np.zeros(1000, dtype=bool)
+    a[[1, 9, 999]] = True
+    bits = _packed(a)
+    assert _packed(a) is bits
+    assert np.flatnonzero(np.unpackbits(bits, bitorder="little")[:1000]).tolist() == [1, 9, 999]
+    b = a.copy()
+    b[5] = True
+    assert np.flatnonzero(np.unpackbits(_packed(b), bitorder="little")[:1000]).tolist() == [1, 5, 9, 999]
