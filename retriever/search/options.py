@@ -120,41 +120,42 @@ def exact_vectors(index: TextIndex, ids: np.ndarray | Sequence[int]) -> np.ndarr
     )
 
 
-_PACKED: dict[int, tuple[Any, Any]] = {}  # id(mask) -> (mask, its bitmap): a reused mask is packed once
+_PACKED: dict[int, tuple[Any, Any, int]] = {}  # id(mask) -> (mask, its bitmap, rows kept)
 
 
-def _packed(mask: np.ndarray) -> np.ndarray:
-    """`mask` as FAISS's little-endian bitmap, cached for the last few masks (a Retriever reuses
-    the mask of a repeated --where; packing 1M rows costs more than an HNSW search)."""
+def _packed(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """`mask` as FAISS's little-endian bitmap and its count of kept rows, cached for the last few
+    masks: a Retriever reuses the mask of a repeated --where, and packing or counting 1M rows
+    costs a fair share of an HNSW search."""
     import numpy as np
 
     hit = _PACKED.get(id(mask))
     if hit is not None and hit[0] is mask:
-        return hit[1]
-    bits = np.packbits(np.asarray(mask, dtype=bool), bitorder="little")
-    _PACKED[id(mask)] = (mask, bits)  # holding the mask keeps its id from being reused
+        return hit[1], hit[2]
+    mask_bool = np.asarray(mask, dtype=bool)
+    bits, kept = np.packbits(mask_bool, bitorder="little"), int(np.count_nonzero(mask_bool))
+    _PACKED[id(mask)] = (mask, bits, kept)  # holding the mask keeps its id from being reused
     while len(_PACKED) > 8:
         del _PACKED[next(iter(_PACKED))]
-    return bits
+    return bits, kept
 
 
 def search_parameters(index: TextIndex, mask: np.ndarray | None) -> tuple[Any, Any]:
     """FAISS search parameters with an id selector for `mask` and the index's tuned nprobe or
     efSearch (a parameters object replaces them, so they are set again here). Returns
     (parameters or None, the bitmap that must outlive the search)."""
-    import numpy as np
 
     from retriever.index.faiss_import import import_faiss
 
     if mask is None:
         return None, None
     faiss = import_faiss()
-    bits = _packed(mask)
+    bits, kept = _packed(mask)
     selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
     tuned = index.manifest.get("search_params") or {}
     factory = str(index.manifest.get("faiss_factory", ""))
     # Only a share of the rows match, so a search must look further to find as many.
-    widen = len(mask) / max(int(np.count_nonzero(mask)), 1)
+    widen = len(mask) / max(kept, 1)
     if factory.startswith("HNSW"):
         # The graph walk already goes on until efSearch *matching* rows are found, so it needs far
         # less widening than the share suggests: measured on 1M toyworld captions (B7's index,
@@ -209,7 +210,7 @@ def _candidates(index: TextIndex, xq: np.ndarray, fetch: int, mask: np.ndarray |
     """(D, I) of the `fetch` nearest rows allowed by `mask`; -1 ids pad rows with fewer."""
     import numpy as np
 
-    if mask is not None and np.count_nonzero(mask) <= BRUTE_FORCE_ROWS:
+    if mask is not None and _packed(mask)[1] <= BRUTE_FORCE_ROWS:
         allowed = np.flatnonzero(mask)
         try:
             xb = exact_vectors(index, allowed) if len(allowed) else np.empty((0, xq.shape[1]), np.float32)
