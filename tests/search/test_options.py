@@ -154,15 +154,18 @@ def test_build_stores_exact_vectors_and_no_vectors_leaves_them_out(indexes, corp
     assert not (tmp_path / "bare" / VECTORS_FILE).exists()
 
 
-@pytest.mark.parametrize("threads", [False, True])
-def test_several_indexes_merge_the_same_in_threads_or_in_turn(indexes, queries, monkeypatch, threads):
-    """Large flat indexes are searched in parallel threads (here: any size), others in turn; the
-    merge of an index with itself lists each of its hits twice, in score order, either way."""
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_several_indexes_merge_the_same_searched_in_parallel(indexes, queries, kind):
+    """The merge of an index with itself lists each of its hits twice, in score order, and the
+    calling thread's OpenMP thread count is left as it was."""
     import retriever.search.options as options
+    from retriever.index.faiss_import import import_faiss
 
-    monkeypatch.setattr(options, "SCAN_ROWS", 0 if threads else 10**12)
-    merged = options.search_indexes([indexes["flat"], indexes["flat"]], queries, 6, ResultOptions())
-    alone = search_index(indexes["flat"], queries, 3, ResultOptions())
+    faiss = import_faiss()
+    before = faiss.omp_get_max_threads()
+    merged = options.search_indexes([indexes[kind], indexes[kind]], queries, 6, ResultOptions())
+    assert faiss.omp_get_max_threads() == before
+    alone = search_index(indexes[kind], queries, 3, ResultOptions())
     for hits, (scores, ids) in zip(merged, alone):
         assert [i for _, _, i in hits] == np.repeat(ids, 2).tolist()
         assert sorted(n for n, _, _ in hits[:2]) == [0, 1]
