@@ -14,7 +14,7 @@ For each index type it prints the p50 and p95 of `search_index` with:
 - two indexes (this one and a second built from the same model) searched and merged, against
   the slower of the two alone.
 
-    python bench/b7_result_options.py --n 1000000
+    python bench/b7_result_options.py --n 1000000 --queries 400
 """
 
 from __future__ import annotations
@@ -52,6 +52,20 @@ def latencies(fn, xq: np.ndarray) -> np.ndarray:
         fn(q[None])
         out.append(time.perf_counter() - start)
     return np.array(out) * 1000
+
+
+def interleaved(calls: dict, xq: np.ndarray) -> dict[str, np.ndarray]:
+    """Latencies in ms of each call on each query, the calls taken in turn for every query, so
+    that drift over the run (page cache, clock, neighbours) falls on all of them alike."""
+    for fn in calls.values():
+        fn(xq[:1])
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for q in xq:
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn(q[None])
+            out[name].append(time.perf_counter() - start)
+    return {name: np.array(values) * 1000 for name, values in out.items()}
 
 
 def main() -> None:
@@ -96,27 +110,24 @@ def main() -> None:
             opened.append(read_index(out, use_gpu=False))
         index, other = opened
         plain = ResultOptions()
-        base = latencies(lambda q: search_index(index, q, 10, plain), xq)  # noqa: B023 (timed inside this iteration)
-        other_alone = latencies(lambda q: search_index(other, q, 10, plain), xq)  # noqa: B023 (timed inside this iteration)
         diverse = ResultOptions(diversity=0.5, fetch_k=1000)
-
-        def filtered(q):
-            return search_index(index, q, 10, plain, mask=where_mask(index.texts, "bucket = 3"))  # noqa: B023 (timed inside this iteration)
-
         reused_mask = where_mask(index.texts, "bucket = 3")
-
-        def filtered_reused(q):
-            return search_index(index, q, 10, plain, mask=reused_mask)  # noqa: B023 (timed inside this iteration)
-
-        def both(q):
-            return search_indexes(opened, q, 10, plain)  # noqa: B023 (timed inside this iteration)
-
+        calls = {
+            "plain": lambda q: search_index(index, q, 10, plain),  # noqa: B023 (timed inside this iteration)
+            "other": lambda q: search_index(other, q, 10, plain),  # noqa: B023
+            "diverse": lambda q: search_index(index, q, 10, diverse),  # noqa: B023
+            "filtered": lambda q: search_index(index, q, 10, plain, mask=where_mask(index.texts, "bucket = 3")),  # noqa: B023
+            "reused": lambda q: search_index(index, q, 10, plain, mask=reused_mask),  # noqa: B023
+            "both": lambda q: search_indexes(opened, q, 10, plain),  # noqa: B023
+        }
+        times = interleaved(calls, xq)
+        base, other_alone = times["plain"], times["other"]
         rows = [
             ("plain", base, 10),
-            ("diversity 0.5, fetch-k 1000", latencies(lambda q: search_index(index, q, 10, diverse), xq), 10),  # noqa: B023 (timed inside this iteration)
-            ('where "bucket = 3" (10%)', latencies(filtered, xq), len(filtered(xq[:1])[0][1])),
-            ("  the same, mask reused", latencies(filtered_reused, xq), len(filtered_reused(xq[:1])[0][1])),
-            ("two indexes", latencies(both, xq), 10),
+            ("diversity 0.5, fetch-k 1000", times["diverse"], 10),
+            ('where "bucket = 3" (10%)', times["filtered"], len(calls["filtered"](xq[:1])[0][1])),
+            ("  the same, mask reused", times["reused"], len(calls["reused"](xq[:1])[0][1])),
+            ("two indexes", times["both"], 10),
         ]
         for name, times, hits in rows:
             reference = max(np.median(base), np.median(other_alone)) if name == "two indexes" else np.median(base)
