@@ -113,6 +113,16 @@ def zh(template: str, scene: toyworld.Scene) -> str:
     return template.format(size=Z[scene.size], colour=Z[scene.colour], shape=Z[scene.shape], position=Z[scene.position])
 
 
+def caption_of(parts: dict[str, str]) -> str:
+    """A caption in the world's pattern from Chinese words for each slot (some maybe outside it)."""
+    return f"{parts['position']}有一个{parts['size']}的{parts['colour']}{parts['shape']}"
+
+
+def cjk_characters() -> list[str]:
+    """Every single CJK character of the bundled vocabulary, for random lines and words."""
+    return [w for w in WordPieceTokenizer().vocab if len(w) == 1 and is_cjk(w)]
+
+
 def near_lines(scene: toyworld.Scene, words: str = "train") -> list[str]:
     """`scene`'s caption with one attribute swapped for a word outside the world (OTHER_WORDS[words])."""
     out = []
@@ -120,7 +130,7 @@ def near_lines(scene: toyworld.Scene, words: str = "train") -> list[str]:
         for word in replacements:
             parts = {k: toyworld.ZH[getattr(scene, k)] for k in OTHER_WORDS[words]}
             parts[slot] = word
-            out.append(f"{parts['position']}有一个{parts['size']}的{parts['colour']}{parts['shape']}")
+            out.append(caption_of(parts))
     return out
 
 
@@ -145,7 +155,7 @@ def swapped_lines(scene: toyworld.Scene, n: int, rng: np.random.Generator, chars
         if word == parts[slot]:
             word += "的"
         parts[slot] = word
-        out.append(f"{parts['position']}有一个{parts['size']}的{parts['colour']}{parts['shape']}")
+        out.append(caption_of(parts))
     return out
 
 
@@ -155,7 +165,7 @@ def distractor_lines(n: int, seed: int, words: str = "train") -> list[str]:
     rng = np.random.default_rng(seed)
     near = [line for scene in toyworld.all_scenes() for line in near_lines(scene, words)]
     near = [near[i] for i in rng.permutation(len(near))[: n // 2]]
-    chars = [w for w in WordPieceTokenizer().vocab if len(w) == 1 and is_cjk(w)]
+    chars = cjk_characters()
     real, out = set(toyworld.all_captions("zh")), dict.fromkeys(near)
     while len(out) < n:
         line = "".join(chars[i] for i in rng.integers(len(chars), size=int(rng.integers(2, 20))))
@@ -252,12 +262,11 @@ def main() -> None:
     frozen = 0 if args.train_image_tower else len(model.visual.transformer.resblocks) - args.train_blocks
     if not args.train_image_tower:
         model.visual.requires_grad_(False)
-        for module in (*model.visual.transformer.resblocks[frozen:], model.visual.ln_post):
-            module.requires_grad_(True)
+        for block in model.visual.transformer.resblocks[frozen:]:
+            block.requires_grad_(True)
+        # Distilled, the text tower aims at the English vectors, so the English projection stays.
         model.visual.proj.requires_grad_(args.distill_weight == 0)
-        model.visual.ln_post.requires_grad_(
-            args.distill_weight == 0 or frozen < len(model.visual.transformer.resblocks)
-        )
+        model.visual.ln_post.requires_grad_(args.distill_weight == 0 or args.train_blocks > 0)
     preprocess = preprocess_for(MODEL_CFG["image_resolution"])
     tokenizer = WordPieceTokenizer(context_length=CONTEXT_LENGTH)
     optimizer = adamw(model, args.lr)  # frozen parameters get no gradient, so AdamW leaves them as they are
@@ -282,7 +291,7 @@ def main() -> None:
     )
     bounds = torch.tensor([0] + [len(t) for t in partial_texts]).cumsum(0).tolist()
     negative_tokens = tokenizer(distractor_lines(20_000, seed=args.seed))
-    chars = [w for w in tokenizer.vocab if len(w) == 1 and is_cjk(w)]
+    chars = cjk_characters()
     swap_rng = np.random.default_rng(args.seed)
     teacher_full, teacher_partial, distilled = english_targets(args.english, scenes, partial_texts)
     generator = torch.Generator().manual_seed(args.seed)

@@ -132,10 +132,11 @@ def test_toyworld_zh_quality_on_held_out_renders_with_10k_unseen_distractors(zh_
         pairs = list(toyworld.sample(256, seed=77, style=style, lang="zh"))  # the English test's images
         results = retriever.query_many([im for im, _ in pairs], k=1)
         scores[style or "classic"] = np.mean([hits[0].text == caption for hits, (_, caption) in zip(results, pairs)])
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    from toy_zh import alt_renders
+    sys.path.insert(0, str(Path(__file__).parent / "models"))
+    from alt_toyworld import sample as alt_sample  # another renderer of the same world, English captions
 
-    pairs = alt_renders(256, seed=77)  # another renderer of the same world
+    chinese = {scene.caption: scene.caption_zh for scene in toyworld.all_scenes()}
+    pairs = [(image, chinese[caption]) for image, caption in alt_sample(256, seed=77)]
     results = retriever.query_many([im for im, _ in pairs], k=1)
     scores["alt-renderer"] = np.mean([hits[0].text == caption for hits, (_, caption) in zip(results, pairs)])
     print(f"toyworld-zh R@1 with 10,000 distractors: {scores}")
