@@ -12,7 +12,11 @@ For each index type it prints the p50 and p95 of `search_index` with:
 - `--where "bucket = 3"`, its row mask computed per query (a single query), and reused (as a
   Retriever does for the same expression: a server, or `query` over a folder);
 - two indexes (this one and a second built from the same model) searched and merged, against
-  the slower of the two alone.
+  the slower of the two alone; again with each option run back to back over blocks of queries
+  (a busy server, whose cores are awake).
+
+Then, for HNSW, how MMR's picks from the index's 1,000 candidates compare with picks from the
+exact 1,000 nearest, and how long this machine takes to wake an idle core.
 
     python bench/b7_result_options.py --n 1000000 --queries 400
 """
@@ -66,6 +70,80 @@ def interleaved(calls: dict, xq: np.ndarray) -> dict[str, np.ndarray]:
             fn(q[None])
             out[name].append(time.perf_counter() - start)
     return {name: np.array(values) * 1000 for name, values in out.items()}
+
+
+def in_blocks(calls: dict, xq: np.ndarray, block: int = 25) -> dict[str, np.ndarray]:
+    """Latencies in ms with each call run back to back over a block of queries, the calls' blocks
+    taken in turn: a busy server's steady state, where the other cores are awake. (Taken in turn
+    query by query, a call that needs a second core finds it idle, and this machine's idle
+    vCPUs take 0.1-0.3 ms to wake: see `wake_up_cost`.)"""
+    for fn in calls.values():
+        fn(xq[:1])
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for start in range(0, len(xq), block):
+        for name, fn in calls.items():
+            for q in xq[start : start + block]:
+                begin = time.perf_counter()
+                fn(q[None])
+                out[name].append(time.perf_counter() - begin)
+    return {name: np.array(values) * 1000 for name, values in out.items()}
+
+
+def wake_up_cost(d: int) -> str:
+    """p50 of a FAISS IndexShards search over two 10-row indexes (its two worker threads do next to
+    nothing), right after another and after the calling thread has worked alone for 20 ms."""
+    from retriever.index.faiss_import import import_faiss
+
+    faiss = import_faiss()
+    rows = np.random.default_rng(0).standard_normal((10, d)).astype(np.float32)
+    parts = [faiss.IndexFlatIP(d) for _ in range(2)]
+    shards = faiss.IndexShards(d, True, True)
+    for part in parts:
+        part.add(rows)
+        shards.add_shard(part)
+    medians = []
+    for idle in (0.0, 0.02):
+        times = []
+        for _ in range(100):
+            until = time.perf_counter() + idle
+            while time.perf_counter() < until:  # busy alone, as a single-threaded option is
+                pass
+            begin = time.perf_counter()
+            shards.search(rows[:1], 5)
+            times.append(time.perf_counter() - begin)
+        medians.append(np.median(times) * 1000)
+    return f"handing a search to two idle worker threads: p50 {medians[0]:.3f} ms back to back, {medians[1]:.3f} ms after 20 ms alone"
+
+
+def diversity_quality(index, xq: np.ndarray, fetch_k: int = 1000, diversity: float = 0.5) -> str:
+    """How MMR's top-10 from the index's `fetch_k` candidates compares with MMR over the exact
+    `fetch_k` nearest (brute force): recall of the candidates, overlap of the picks, intra-list
+    similarity (lower: more diverse) and mean relevance of the picks."""
+    from retriever.search.diversity import mmr
+    from retriever.search.options import exact_vectors
+
+    xb = index.faiss_index.reconstruct_n(0, len(index))
+    _, found = index.faiss_search(xq, fetch_k)
+    recall, overlap, ils, relevance = [], [], [[], []], [[], []]
+    for q, candidates in zip(xq, found):
+        exact = np.argpartition(-(xb @ q), fetch_k)[:fetch_k]
+        candidates = candidates[candidates >= 0]
+        recall.append(len(np.intersect1d(exact, candidates)) / fetch_k)
+        picks = []
+        for side, ids in enumerate((exact, candidates)):
+            vectors = exact_vectors(index, ids)
+            chosen = mmr(vectors @ q, vectors, 10, diversity)
+            gram = vectors[chosen] @ vectors[chosen].T
+            ils[side].append((gram.sum() - np.trace(gram)) / (len(chosen) * (len(chosen) - 1)))
+            relevance[side].append(float((vectors[chosen] @ q).mean()))
+            picks.append(set(ids[chosen].tolist()))
+        overlap.append(len(picks[0] & picks[1]) / 10)
+    return (
+        f"diversity {diversity} from the index's {fetch_k} candidates (recall of the exact {fetch_k}: "
+        f"{np.mean(recall):.3f}) vs from the exact ones: same picks {np.mean(overlap):.2f}, intra-list "
+        f"similarity {np.mean(ils[1]):.3f} vs {np.mean(ils[0]):.3f}, relevance {np.mean(relevance[1]):.3f} "
+        f"vs {np.mean(relevance[0]):.3f}"
+    )
 
 
 def main() -> None:
@@ -129,14 +207,23 @@ def main() -> None:
             ("  the same, mask reused", times["reused"], len(calls["reused"](xq[:1])[0][1])),
             ("two indexes", times["both"], 10),
         ]
+        streamed = in_blocks({name: calls[name] for name in ("plain", "other", "both")}, xq)
+        rows.append(("two indexes, back to back", streamed["both"], 10))
         for name, times, hits in rows:
-            reference = max(np.median(base), np.median(other_alone)) if name == "two indexes" else np.median(base)
+            if name.startswith("two indexes"):
+                alone = streamed if "back to back" in name else {"plain": base, "other": other_alone}
+                reference = max(np.median(alone["plain"]), np.median(alone["other"]))
+            else:
+                reference = np.median(base)
             e2e = (np.median(times) + np.median(encode)) / (reference + np.median(encode))
             print(
                 f"{kind:6} {name:28} {np.median(times):8.2f} {np.percentile(times, 95):8.2f} "
                 f"{np.median(times) / reference:8.2f}x {e2e:10.2f}x  {hits}",
                 flush=True,
             )
+        if kind != "flat":
+            print(f"{kind:6} {diversity_quality(index, xq[:100])}")
+    print(wake_up_cost(xq.shape[1]))
 
 
 if __name__ == "__main__":

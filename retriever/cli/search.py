@@ -211,7 +211,8 @@ def query(
         typer.Option(min=0.0, max=1.0, help="0 = plain nearest, 1 = most diverse (MMR over --fetch-k candidates)."),
     ] = 0.0,
     fetch_k: Annotated[
-        Optional[int], typer.Option(min=1, max=100_000, help="Candidates to re-rank (default: max(10 k, 100)).")
+        Optional[int],
+        typer.Option(min=1, max=100_000, help="Candidates to re-rank, from each index (default: max(10 k, 100))."),
     ] = None,
     dedupe: Annotated[
         Optional[str],

@@ -204,7 +204,7 @@ class Retriever:
                 them: normalise(image + sum(w plus) - sum(w minus)).
             minus: the same, pushing each query away from them.
             diversity: 0 (plain nearest) to 1 (most diverse): MMR over `fetch_k` candidates.
-            fetch_k: candidates for re-ranking (default max(10 k, 100) when re-ranking).
+            fetch_k: candidates for re-ranking, from each index (default max(10 k, 100) when re-ranking).
             dedupe: collapse hits whose texts' cosine is at least this, keeping the best.
             where: a filter over metadata columns, e.g. `source = "coco" and len < 60`.
         """

@@ -603,13 +603,18 @@ def _flip_in_vectors(d: Path, row: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "file,flip,query_args",
+    "file,flip,query_args,index_type",
     [
-        ("index.faiss", _flip_in_faiss, ["--dedupe", "off"]),  # scores straight from the FAISS index
-        ("vectors.f16.npy", _flip_in_vectors, []),  # scores re-ranked from the stored vectors
+        ("index.faiss", _flip_in_faiss, ["--dedupe", "off"], "flat"),  # scores straight from the FAISS index
+        # re-ranked from the stored vectors: an IVF index's (flat and HNSW re-rank with FAISS's own)
+        ("vectors.f16.npy", _flip_in_vectors, [], "ivf"),
     ],
 )
-def test_one_flipped_byte_is_found_by_verify_and_by_the_score(file, flip, query_args, damaged_copy, run):
+def test_one_flipped_byte_is_found_by_verify_and_by_the_score(
+    file, flip, query_args, index_type, damaged_copy, run, toy_corpus, toy_model
+):
+    if index_type != "flat":
+        build_index(toy_corpus, damaged_copy, toy_model, index_type=index_type, overwrite=True, show_progress_bar=False)
     row = 77
     text = read_index(damaged_copy).rows([row])[0]["text"]
     flip(damaged_copy, row)

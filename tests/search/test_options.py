@@ -172,6 +172,20 @@ def test_several_indexes_merge_the_same_searched_in_parallel(indexes, queries, k
         assert np.allclose([s for _, s, _ in hits], np.repeat(scores, 2))
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_several_indexes_are_re_ranked_as_one_list(indexes, queries, kind):
+    """Dedupe and MMR run over the indexes' candidates together: an index merged with itself
+    gives each text once under dedupe, and with diversity the same hits as the index alone."""
+    from retriever.search.options import search_indexes
+
+    index = indexes[kind]
+    for options in (ResultOptions(dedupe=0.999), ResultOptions(diversity=0.5, dedupe=0.999)):
+        merged = search_indexes([index, index], queries[:1], 5, options)[0]
+        (scores, ids), *_ = search_index(index, queries[:1], 5, options)
+        assert [i for _, _, i in merged] == ids.tolist()
+        assert np.allclose([s for _, s, _ in merged], scores, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_id_selector_path_returns_k_matching_rows(indexes, queries, kind, monkeypatch):
     """With the brute-force shortcut off, the filter runs inside FAISS (id selector, widened
