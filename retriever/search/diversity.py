@@ -28,18 +28,19 @@ def mmr(scores: np.ndarray, xb: np.ndarray, k: int, diversity: float) -> np.ndar
     k = min(k, n)
     if k == 0:
         return np.empty(0, dtype=np.int64)
-    scores = np.asarray(scores, dtype=np.float32)
+    # value = (1 - diversity) * score - diversity * closest, kept as relevance - penalty: one
+    # matrix-vector product and three vector passes per pick (numpy's per-call cost is most of it)
+    relevance = (1.0 - diversity) * np.asarray(scores, dtype=np.float32)
     xb = np.asarray(xb, dtype=np.float32)
+    scaled = diversity * xb
     picked = [int(np.argmax(scores))]
-    closest = xb @ xb[picked[0]]  # each candidate's max cosine to the picked set
-    available = np.ones(n, dtype=bool)
-    available[picked[0]] = False
+    penalty = scaled @ xb[picked[0]]  # diversity x each candidate's max cosine to the picked set
+    relevance[picked[0]] = -np.inf
     while len(picked) < k:
-        value = np.where(available, (1.0 - diversity) * scores - diversity * closest, -np.inf)
-        best = int(np.argmax(value))
+        best = int(np.argmax(relevance - penalty))
         picked.append(best)
-        available[best] = False
-        np.maximum(closest, xb @ xb[best], out=closest)
+        relevance[best] = -np.inf
+        np.maximum(penalty, scaled @ xb[best], out=penalty)
     return np.array(picked, dtype=np.int64)
 
 

@@ -6,7 +6,9 @@
 Comparisons `= == != < <= > >=`, `in (...)`, `contains "..."`, combined with `and`, `or`, `not`
 and parentheses. `len` is the length of the text in characters (unless a column of that name
 exists). Strings are quoted with " or ' (backslash escapes the quote); numbers, true, false and
-null are literals. A missing value never matches.
+null are literals. A missing value never matches. A text column compared with a number is read
+as numbers (TSV and CSV metadata is text, and as text "10" < "9"); its values that are not
+numbers are missing there.
 
 Hand-written rather than a parser library: the grammar is a dozen lines, it must never evaluate
 Python, and each node compiles straight to a pyarrow.compute call over whole columns, so a
@@ -17,6 +19,7 @@ the search turns into a FAISS id selector (pre-filtering, so a selective filter 
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -189,8 +192,57 @@ def where_mask(table: pa.Table, text: str) -> np.ndarray:
     import pyarrow.compute as pc
 
     tree = parse_where(text)
-    mask = _evaluate(tree, table)
-    return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+    mask = pc.fill_null(_evaluate(tree, table), False)
+    if hasattr(mask, "combine_chunks"):
+        mask = mask.combine_chunks()
+    if mask.offset % 8 == 0 and mask.null_count == 0 and len(mask):
+        # Arrow keeps booleans as a little-endian bitmap: unpacking it with numpy is 10x faster
+        # than Arrow's to_numpy (0.1 against 1 ms for a million rows).
+        bits = np.frombuffer(mask.buffers()[1], dtype=np.uint8, offset=mask.offset // 8)
+        return np.unpackbits(bits, count=len(mask), bitorder="little").view(bool)
+    return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+_NUMBER = r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"  # the tokenizer's numbers
+_AS_NUMBERS: dict[tuple[int, str], tuple[Any, Any]] = {}  # (id(table), column) -> (table, numbers)
+_AS_NUMBERS_LOCK = threading.Lock()
+
+
+def _as_numbers(table: pa.Table, name: str, column: Any) -> Any:
+    """A text column's values as numbers (int64, or float64 if any has a fraction or exponent),
+    for comparing with a number literal: metadata read from TSV or CSV is text, where "10" < "9".
+    A value that is not a number is missing there, so it never matches. Kept for the last few
+    columns: parsing a million strings costs far more than comparing a million numbers."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    key = (id(table), name)
+    with _AS_NUMBERS_LOCK:
+        hit = _AS_NUMBERS.get(key)
+    if hit is not None and hit[0] is table:
+        return hit[1]
+    trimmed = pc.utf8_trim_whitespace(column)
+    numbers = pc.if_else(pc.match_substring_regex(trimmed, _NUMBER), trimmed, pa.scalar(None, trimmed.type))
+    numbers = pc.replace_substring_regex(numbers, r"^\+", "")  # Arrow's parser refuses a leading +
+    try:
+        numbers = pc.cast(numbers, pa.int64())
+    except (pa.ArrowInvalid, OverflowError):
+        numbers = pc.cast(numbers, pa.float64())
+    with _AS_NUMBERS_LOCK:
+        _AS_NUMBERS[key] = (table, numbers)  # holding the table keeps its id from being reused
+        while len(_AS_NUMBERS) > 8:
+            del _AS_NUMBERS[next(iter(_AS_NUMBERS))]
+    return numbers
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_text(kind: Any) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
 
 
 def _column(table: pa.Table, name: str) -> Any:
@@ -216,6 +268,9 @@ def _evaluate(node: tuple, table: pa.Table) -> Any:
     if kind == "not":
         return pc.invert(pc.fill_null(_evaluate(node[1], table), False))
     column = _column(table, node[1])
+    values = node[2] if kind == "in" else [node[2]]
+    if kind != "contains" and values and all(_is_number(v) for v in values) and _is_text(column.type):
+        column = _as_numbers(table, node[1], column)
     try:
         if kind == "contains":
             return pc.match_substring(pc.cast(column, pa.string()), node[2])

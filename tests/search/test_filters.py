@@ -20,6 +20,9 @@ def table():
             "lang": [None if rng.random() < 0.1 else str(v) for v in rng.choice(["en", "zh", "de"], n)],
             "score": rng.random(n),
             "n": rng.integers(0, 100, n),
+            # numbers as a TSV file gives them: text, of different lengths, some missing or not numbers
+            "likes": [str(v) if v < 900 else ("" if v < 950 else "n/a") for v in rng.integers(0, 1000, n)],
+            "weight": [f" {v:.3g} " if v < 0.9 else "+1e1" for v in rng.random(n) * 2],
         }
     )
 
@@ -44,6 +47,11 @@ CASES = [
     ("lang != null", lambda r: r["lang"] is not None),
     ('lang != "en"', lambda r: r["lang"] is not None and r["lang"] != "en"),  # missing never matches
     ("score > 1e-1", lambda r: r["score"] > 0.1),
+    ("likes > 50", lambda r: r["likes"].isdigit() and int(r["likes"]) > 50),
+    ("likes <= 9 or likes = 100", lambda r: r["likes"].isdigit() and (int(r["likes"]) <= 9 or int(r["likes"]) == 100)),
+    ("likes in (7, 70, 700)", lambda r: r["likes"] in ("7", "70", "700")),
+    ('likes = "n/a"', lambda r: r["likes"] == "n/a"),  # a quoted value still compares as text
+    ("weight >= 0.5", lambda r: float(r["weight"]) >= 0.5),
 ]
 
 
@@ -80,3 +88,15 @@ def test_tree_shape_and_precedence():
         ("and", ("==", "b", 2), ("not", ("==", "c", 3))),
     )
     assert parse_where('t contains "say \\"hi\\""') == ("contains", "t", 'say "hi"')
+
+
+def test_a_text_column_is_parsed_as_numbers_once_per_table(table):
+    from retriever.search.filters import _as_numbers
+
+    first = _as_numbers(table, "likes", table["likes"])
+    assert _as_numbers(table, "likes", table["likes"]) is first and str(first.type) == "int64"
+    assert where_mask(table, "likes < 10").sum() == sum(
+        r["likes"].isdigit() and int(r["likes"]) < 10 for r in rows(table)
+    )
+    other = pa.table({"likes": ["1", "2"]})
+    assert _as_numbers(other, "likes", other["likes"]).to_pylist() == [1, 2]  # another table: its own
