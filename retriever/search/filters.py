@@ -19,11 +19,11 @@ the search turns into a FAISS id selector (pre-filtering, so a selective filter 
 from __future__ import annotations
 
 import re
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from retriever.errors import RetrieverError
+from retriever.search.derived import DerivedValues
 
 if TYPE_CHECKING:
     import numpy as np
@@ -204,8 +204,7 @@ def where_mask(table: pa.Table, text: str) -> np.ndarray:
 
 
 _NUMBER = r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"  # the tokenizer's numbers
-_AS_NUMBERS: dict[tuple[int, str], tuple[Any, Any]] = {}  # (id(table), column) -> (table, numbers)
-_AS_NUMBERS_LOCK = threading.Lock()
+_AS_NUMBERS = DerivedValues()
 
 
 def _as_numbers(table: pa.Table, name: str, column: Any) -> Any:
@@ -216,23 +215,16 @@ def _as_numbers(table: pa.Table, name: str, column: Any) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    key = (id(table), name)
-    with _AS_NUMBERS_LOCK:
-        hit = _AS_NUMBERS.get(key)
-    if hit is not None and hit[0] is table:
-        return hit[1]
-    trimmed = pc.utf8_trim_whitespace(column)
-    numbers = pc.if_else(pc.match_substring_regex(trimmed, _NUMBER), trimmed, pa.scalar(None, trimmed.type))
-    numbers = pc.replace_substring_regex(numbers, r"^\+", "")  # Arrow's parser refuses a leading +
-    try:
-        numbers = pc.cast(numbers, pa.int64())
-    except (pa.ArrowInvalid, OverflowError):
-        numbers = pc.cast(numbers, pa.float64())
-    with _AS_NUMBERS_LOCK:
-        _AS_NUMBERS[key] = (table, numbers)  # holding the table keeps its id from being reused
-        while len(_AS_NUMBERS) > 8:
-            del _AS_NUMBERS[next(iter(_AS_NUMBERS))]
-    return numbers
+    def parse() -> Any:
+        trimmed = pc.utf8_trim_whitespace(column)
+        numbers = pc.if_else(pc.match_substring_regex(trimmed, _NUMBER), trimmed, pa.scalar(None, trimmed.type))
+        numbers = pc.replace_substring_regex(numbers, r"^\+", "")  # Arrow's parser refuses a leading +
+        try:
+            return pc.cast(numbers, pa.int64())
+        except (pa.ArrowInvalid, OverflowError):
+            return pc.cast(numbers, pa.float64())
+
+    return _AS_NUMBERS.get(table, parse, key=name)
 
 
 def _is_number(value: Any) -> bool:
@@ -268,7 +260,7 @@ def _evaluate(node: tuple, table: pa.Table) -> Any:
     if kind == "not":
         return pc.invert(pc.fill_null(_evaluate(node[1], table), False))
     column = _column(table, node[1])
-    values = node[2] if kind == "in" else [node[2]]
+    values = [v for v in (node[2] if kind == "in" else [node[2]]) if v is not None]  # null stays null
     if kind != "contains" and values and all(_is_number(v) for v in values) and _is_text(column.type):
         column = _as_numbers(table, node[1], column)
     try:

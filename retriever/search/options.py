@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from retriever.errors import RetrieverError
 from retriever.index.store import VECTORS_FILE, map_vectors
+from retriever.search.derived import DerivedValues
 from retriever.search.diversity import collapse_near_duplicates, mmr
 
 if TYPE_CHECKING:
@@ -124,24 +125,20 @@ def exact_vectors(index: TextIndex, ids: np.ndarray | Sequence[int]) -> np.ndarr
     )
 
 
-_PACKED: dict[int, tuple[Any, Any, int]] = {}  # id(mask) -> (mask, its bitmap, rows kept)
+_PACKED = DerivedValues()
 
 
 def _packed(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """`mask` as FAISS's little-endian bitmap and its count of kept rows, cached for the last few
+    """`mask` as FAISS's little-endian bitmap and its count of kept rows, kept for the last few
     masks: a Retriever reuses the mask of a repeated --where, and packing or counting 1M rows
     costs a fair share of an HNSW search."""
     import numpy as np
 
-    hit = _PACKED.get(id(mask))
-    if hit is not None and hit[0] is mask:
-        return hit[1], hit[2]
-    mask_bool = np.asarray(mask, dtype=bool)
-    bits, kept = np.packbits(mask_bool, bitorder="little"), int(np.count_nonzero(mask_bool))
-    _PACKED[id(mask)] = (mask, bits, kept)  # holding the mask keeps its id from being reused
-    while len(_PACKED) > 8:
-        del _PACKED[next(iter(_PACKED))]
-    return bits, kept
+    def pack() -> tuple[np.ndarray, int]:
+        mask_bool = np.asarray(mask, dtype=bool)
+        return np.packbits(mask_bool, bitorder="little"), int(np.count_nonzero(mask_bool))
+
+    return _PACKED.get(mask, pack)
 
 
 def search_parameters(index: TextIndex, mask: np.ndarray | None) -> tuple[Any, Any]:
@@ -266,7 +263,9 @@ def _in_parallel(
 
     OpenMP's thread count is per calling thread, so each search gets its share of the cores, or
     every search starts a team on every core and they trip over each other (2x slower). The
-    calling thread's own setting is put back afterwards.
+    calling thread's own setting is put back afterwards. Measured on B7's two 1M-row HNSW
+    indexes, one query at a time: 1.16 ms this way, against 1.42 ms with FAISS's IndexShards,
+    which hands every index to a worker thread and so waits for an idle core even for the first.
     """
     import os
 
@@ -288,25 +287,6 @@ def _in_parallel(
     return [first] + [future.result() for future in others]
 
 
-def _merged_candidates(
-    indexes: list[TextIndex], xq: np.ndarray, fetch: int, masks: Sequence[np.ndarray | None]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scores, index positions, row ids), each [queries, fetch x indexes]: every index's `fetch`
-    best candidates side by side; -1 ids pad an index with fewer.
-
-    Measured on B7's two 1M-row HNSW indexes, one query at a time: searched this way (the first
-    index in the calling thread) 1.16 ms, against 1.42 ms with FAISS's IndexShards, which hands
-    every index to a worker thread and so waits for an idle core to wake even for the first.
-    """
-    import numpy as np
-
-    per_index = _in_parallel(indexes, xq, fetch, masks)
-    D = np.concatenate([d for d, _ in per_index], axis=1)
-    I = np.concatenate([i for _, i in per_index], axis=1)
-    N = np.concatenate([np.full(i.shape, n) for n, (_, i) in enumerate(per_index)], axis=1)
-    return D, N, I
-
-
 def search_indexes(
     indexes: list[TextIndex],
     xq: np.ndarray,
@@ -325,7 +305,10 @@ def search_indexes(
         results = search_index(indexes[0], xq, k, options, masks[0])
         return [[(0, float(s), int(i)) for s, i in zip(scores, ids)] for scores, ids in results]
     xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
-    D, N, I = _merged_candidates(indexes, xq, options.candidates(k), masks)
+    per_index = _in_parallel(indexes, xq, options.candidates(k), masks)  # each index's candidates,
+    D = np.concatenate([d for d, _ in per_index], axis=1)  # side by side; -1 ids pad
+    I = np.concatenate([i for _, i in per_index], axis=1)
+    N = np.concatenate([np.full(i.shape, n) for n, (_, i) in enumerate(per_index)], axis=1)
     merged = []
     for q, scores, ns, ids in zip(xq, D, N, I):
         valid = ids >= 0

@@ -50,6 +50,7 @@ CASES = [
     ("likes > 50", lambda r: r["likes"].isdigit() and int(r["likes"]) > 50),
     ("likes <= 9 or likes = 100", lambda r: r["likes"].isdigit() and (int(r["likes"]) <= 9 or int(r["likes"]) == 100)),
     ("likes in (7, 70, 700)", lambda r: r["likes"] in ("7", "70", "700")),
+    ("likes in (9, 10, null)", lambda r: r["likes"] in ("9", "10")),  # a null in the list matches nothing
     ('likes = "n/a"', lambda r: r["likes"] == "n/a"),  # a quoted value still compares as text
     ("weight >= 0.5", lambda r: float(r["weight"]) >= 0.5),
 ]
