@@ -23,6 +23,8 @@ def table():
             # numbers as a TSV file gives them: text, of different lengths, some missing or not numbers
             "likes": [str(v) if v < 900 else ("" if v < 950 else "n/a") for v in rng.integers(0, 1000, n)],
             "weight": [f" {v:.3g} " if v < 0.9 else "+1e1" for v in rng.random(n) * 2],
+            "title": [f"title {i} {'cat' if i % 7 == 0 else 'dog'}" for i in range(n)],  # all distinct
+            "stars": [None if i % 9 == 0 else int(v) for i, v in enumerate(rng.integers(-300, 300, n))],
         }
     )
 
@@ -53,6 +55,22 @@ CASES = [
     ("likes in (9, 10, null)", lambda r: r["likes"] in ("9", "10")),  # a null in the list matches nothing
     ('likes = "n/a"', lambda r: r["likes"] == "n/a"),  # a quoted value still compares as text
     ("weight >= 0.5", lambda r: float(r["weight"]) >= 0.5),
+    # each way a comparison is made: numbers (narrow integers, with missing values), dictionary
+    # codes (text with few distinct values), and Arrow (text with many, text order)
+    ("n < 2.5", lambda r: r["n"] < 2.5),
+    ("stars >= -5 and stars < 200", lambda r: r["stars"] is not None and -5 <= r["stars"] < 200),
+    ("stars != 0", lambda r: r["stars"] is not None and r["stars"] != 0),
+    ("stars in (-1, 1, 299.0, 1e9)", lambda r: r["stars"] in (-1, 1, 299)),
+    ("not (stars > 0)", lambda r: not (r["stars"] is not None and r["stars"] > 0)),
+    ("n > 100000000000", lambda r: False),
+    ('source in ("coco", "nope")', lambda r: r["source"] == "coco"),
+    ('lang != "fr"', lambda r: r["lang"] is not None),
+    ('not (lang = "en")', lambda r: r["lang"] != "en"),  # `not` of a missing value matches
+    ('lang contains "e"', lambda r: r["lang"] is not None and "e" in r["lang"]),
+    ('title = "title 7 cat"', lambda r: r["title"] == "title 7 cat"),
+    ('title != "title 7 cat" and title contains "cat"', lambda r: r["title"] != "title 7 cat" and "cat" in r["title"]),
+    ('title in ("title 1 dog", "title 2 dog")', lambda r: r["title"] in ("title 1 dog", "title 2 dog")),
+    ('source < "d"', lambda r: r["source"] < "d"),
 ]
 
 
@@ -101,3 +119,15 @@ def test_a_text_column_is_parsed_as_numbers_once_per_table(table):
     )
     other = pa.table({"likes": ["1", "2"]})
     assert _as_numbers(other, "likes", other["likes"]).to_pylist() == [1, 2]  # another table: its own
+
+
+def test_columns_are_prepared_once_in_their_narrowest_form(table):
+    from retriever.search.filters import _codes, _numbers
+
+    numbers = _numbers(table, "n", table["n"])  # 0..99
+    assert _numbers(table, "n", table["n"]) is numbers and numbers.values.dtype == np.int8 and numbers.valid is None
+    stars = _numbers(table, "stars", table["stars"])  # -300..299 with missing values
+    assert stars.values.dtype == np.int16 and stars.valid.sum() == len(table) - table["stars"].null_count
+    codes = _codes(table, "source", table["source"])
+    assert _codes(table, "source", table["source"]) is codes and sorted(codes.values) == ["coco", "own", "sd"]
+    assert _codes(table, "title", table["title"]) is None  # every title differs: Arrow compares them
