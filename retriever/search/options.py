@@ -263,11 +263,12 @@ def _in_parallel(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """`_candidates` of each index at once: the first in this thread, the others in the pool.
 
-    A batch of queries gives each search its share of the cores: OpenMP's thread count is per
-    calling thread, and every batch search starting a team on every core trips over the others
-    (2x slower). The calling thread's own setting is put back afterwards. One query starts no
-    team (FAISS parallelises over queries), and setting the count costs about 0.1 ms of a 0.4 ms
-    HNSW search (measured: 1.51x against 1.23x the slower index alone), so it is left alone then.
+    Each search gets its share of the cores: OpenMP's thread count is per calling thread, and
+    every search starting a team on every core trips over the others (2x slower: B7's two flat
+    indexes took 1.93x the slower alone that way). The calling thread's own setting is put back
+    afterwards. An HNSW search of one query starts no team (FAISS parallelises its walks over
+    queries), and setting the count costs about 0.1 ms of a 0.4 ms walk (measured: 1.51x against
+    1.23x the slower index alone), so it is left alone then.
     FAISS's IndexShards was slower still (1.42 against 1.16 ms on B7's two 1M-row HNSW indexes):
     it hands every index to a worker thread, so it waits for an idle core even for the first.
     """
@@ -276,20 +277,21 @@ def _in_parallel(
     from retriever.index.faiss_import import import_faiss
 
     faiss = import_faiss()
-    batch = len(xq) > 1
-    share = max(1, (os.cpu_count() or 1) // len(indexes)) if batch else 0  # cpu_count reads a file
+    one_walk = len(xq) == 1 and all(str(i.manifest.get("faiss_factory", "")).startswith("HNSW") for i in indexes)
+    teams = not one_walk  # whether the searches start OpenMP teams
+    share = max(1, (os.cpu_count() or 1) // len(indexes)) if teams else 0  # cpu_count reads a file
 
     def one(n: int) -> tuple[np.ndarray, np.ndarray]:
-        if batch:
+        if teams:
             faiss.omp_set_num_threads(share)
         return _candidates(indexes[n], xq, min(fetch, len(indexes[n])), masks[n])
 
     others = [_threads().submit(one, n) for n in range(1, len(indexes))]
-    before = faiss.omp_get_max_threads() if batch else 0
+    before = faiss.omp_get_max_threads() if teams else 0
     try:
         first = one(0)
     finally:
-        if batch:
+        if teams:
             faiss.omp_set_num_threads(before)
     return [first] + [future.result() for future in others]
 
