@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from retriever.generate.decoding import DecodeOptions
+    from retriever.search.rowmask import RowMask
 
 MODES = ("retrieve", "generate", "hybrid")
 # Hybrid mode generates when the best retrieved score is below this. Measured on the toy world
@@ -36,7 +37,7 @@ MODES = ("retrieve", "generate", "hybrid")
 # fitting caption's cosine is around 0.3 (not measurable offline here); pass --min-score to tune.
 DEFAULT_MIN_SCORE = {"toyworld": 0.80}
 FALLBACK_MIN_SCORE = 0.3
-MASKS_KEPT = 8  # --where masks kept per Retriever (1 byte per row each)
+MASKS_KEPT = 8  # --where filters' rows kept per Retriever (1 bit per row each)
 
 
 @dataclass
@@ -85,7 +86,7 @@ class Retriever:
             )
         self.index = index
         self.model = model
-        self._masks: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        self._masks: OrderedDict[tuple[int, str], RowMask] = OrderedDict()
         self._mask_lock = threading.Lock()
         self.encoder = Encoder(model) if model is not None else None
         if model is not None and hasattr(generator, "folder"):  # a style decoder knows one CLIP model only
@@ -354,10 +355,10 @@ class Retriever:
             results.append([_hit(row, score, names[n]) for row, (n, score, _) in zip(rows, hits)])
         return results
 
-    def _mask(self, n: int, where: str) -> np.ndarray:
-        """Index n's row mask for `where`, computed once per expression: a server or a page
-        re-uses a filter query after query, and a mask over a million rows costs milliseconds."""
-        from retriever.search.filters import where_mask
+    def _mask(self, n: int, where: str) -> RowMask:
+        """Index n's rows matching `where`, computed once per expression: a server or a page
+        re-uses a filter query after query."""
+        from retriever.search.filters import where_rows
 
         key = (n, where)
         with self._mask_lock:
@@ -365,8 +366,7 @@ class Retriever:
             if mask is not None:
                 self._masks.move_to_end(key)
                 return mask
-        mask = where_mask(self.indexes[n].texts, where)
-        mask.flags.writeable = False
+        mask = where_rows(self.indexes[n].texts, where)
         with self._mask_lock:
             self._masks[key] = mask
             while len(self._masks) > MASKS_KEPT:

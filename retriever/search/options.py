@@ -26,6 +26,7 @@ from retriever.errors import RetrieverError
 from retriever.index.store import VECTORS_FILE, map_vectors
 from retriever.search.derived import DerivedValues
 from retriever.search.diversity import collapse_near_duplicates, mmr
+from retriever.search.rowmask import RowMask
 
 if TYPE_CHECKING:
     import numpy as np
@@ -125,40 +126,33 @@ def exact_vectors(index: TextIndex, ids: np.ndarray | Sequence[int]) -> np.ndarr
     )
 
 
-_PACKED = DerivedValues()
+_AS_ROWS = DerivedValues()
 
 
-def _packed(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """`mask` as FAISS's little-endian bitmap and its count of kept rows, kept for the last few
-    masks: a Retriever reuses the mask of a repeated --where, and packing or counting 1M rows
-    costs a fair share of an HNSW search."""
-    import numpy as np
-
-    def pack() -> tuple[np.ndarray, int]:
-        bits = np.packbits(np.asarray(mask, dtype=bool), bitorder="little")
-        words = np.zeros(-(-len(bits) // 8), dtype=np.uint64)  # counted 64 bits at a time: 2x faster
-        words.view(np.uint8)[: len(bits)] = bits
-        return bits, int(np.bitwise_count(words).sum())
-
-    return _PACKED.get(mask, pack)
+def as_rows(mask: RowMask | np.ndarray) -> RowMask:
+    """A filter's rows as a RowMask; a numpy bool mask is packed once while it is cached (a caller
+    may pass the same one query after query)."""
+    if isinstance(mask, RowMask):
+        return mask
+    return _AS_ROWS.get(mask, lambda: RowMask.from_bools(mask))
 
 
-def search_parameters(index: TextIndex, mask: np.ndarray | None) -> tuple[Any, Any]:
-    """FAISS search parameters with an id selector for `mask` and the index's tuned nprobe or
+def search_parameters(index: TextIndex, rows: RowMask | None) -> tuple[Any, Any]:
+    """FAISS search parameters with an id selector for `rows` and the index's tuned nprobe or
     efSearch (a parameters object replaces them, so they are set again here). Returns
-    (parameters or None, the bitmap that must outlive the search)."""
+    (parameters or None, what must outlive the search)."""
 
     from retriever.index.faiss_import import import_faiss
 
-    if mask is None:
+    if rows is None:
         return None, None
     faiss = import_faiss()
-    bits, kept = _packed(mask)
-    selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
+    kept = rows.count
+    selector = faiss.IDSelectorBitmap(rows.size, faiss.swig_ptr(rows.bitmap))
     tuned = index.manifest.get("search_params") or {}
     factory = str(index.manifest.get("faiss_factory", ""))
     # Only a share of the rows match, so a search must look further to find as many.
-    widen = len(mask) / max(kept, 1)
+    widen = rows.size / max(kept, 1)
     if factory.startswith("HNSW"):
         # The graph walk already goes on until efSearch *matching* rows are found, and what a filter
         # costs it is a short walk's: measured on B7's 1M toyworld captions (recall@10 of the
@@ -178,22 +172,22 @@ def search_parameters(index: TextIndex, mask: np.ndarray | None) -> tuple[Any, A
         params = faiss.SearchParametersIVF(sel=selector, nprobe=int(min(max(nprobe, nprobe * widen), nlist)))
     else:
         params = faiss.SearchParameters(sel=selector)
-    return params, (bits, selector)
+    return params, (rows, selector)
 
 
 def search_index(
-    index: TextIndex, xq: np.ndarray, k: int, options: ResultOptions, mask: np.ndarray | None = None
+    index: TextIndex, xq: np.ndarray, k: int, options: ResultOptions, mask: RowMask | np.ndarray | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each row of `xq`, (scores, row ids) of at most `k` hits under `options`.
 
-    `mask` is a precomputed --where row mask (None: every row).
+    `mask` is a precomputed --where filter: a RowMask or a bool per row (None: every row).
     """
     import numpy as np
 
     options.check()
     xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
     fetch = min(options.candidates(k), len(index))
-    D, I = _candidates(index, xq, fetch, mask)
+    D, I = _candidates(index, xq, fetch, None if mask is None else as_rows(mask))
     out = []
     for q, scores, ids in zip(xq, D, I):
         valid = ids >= 0
@@ -216,12 +210,14 @@ def _rerank(q: np.ndarray, xb: np.ndarray, k: int, options: ResultOptions) -> tu
     return (order if kept is None else kept[order]), scores[order]
 
 
-def _candidates(index: TextIndex, xq: np.ndarray, fetch: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(D, I) of the `fetch` nearest rows allowed by `mask`; -1 ids pad rows with fewer."""
+def _candidates(index: TextIndex, xq: np.ndarray, fetch: int, rows: RowMask | None) -> tuple[np.ndarray, np.ndarray]:
+    """(D, I) of the `fetch` nearest of `rows` (None: all); -1 ids pad rows with fewer."""
     import numpy as np
 
-    if mask is not None and _packed(mask)[1] <= BRUTE_FORCE_ROWS:
-        allowed = np.flatnonzero(mask)
+    if rows is not None and rows.size != len(index):
+        raise RetrieverError(f"{index.path}: a filter over {rows.size} rows cannot select among {len(index)}")
+    if rows is not None and rows.count <= BRUTE_FORCE_ROWS:
+        allowed = rows.rows()
         try:
             xb = exact_vectors(index, allowed) if len(allowed) else np.empty((0, xq.shape[1]), np.float32)
         except RetrieverError:
@@ -236,11 +232,11 @@ def _candidates(index: TextIndex, xq: np.ndarray, fetch: int, mask: np.ndarray |
                 D[:, :take] = np.take_along_axis(scores, top, axis=1)
                 I[:, :take] = allowed[top]
             return D, I
-    params, keep_alive = search_parameters(index, mask)
+    params, keep_alive = search_parameters(index, rows)
     if params is None:
         return index.faiss_search(xq, fetch)
     D, I = index.faiss_search(xq, fetch, params=params)
-    del keep_alive  # the bitmap must live until the search has run
+    del keep_alive  # the bitmap and selector must live until the search has run
     return D, I
 
 
@@ -259,7 +255,7 @@ def _threads() -> Any:
 
 
 def _in_parallel(
-    indexes: list[TextIndex], xq: np.ndarray, fetch: int, masks: Sequence[np.ndarray | None]
+    indexes: list[TextIndex], xq: np.ndarray, fetch: int, masks: Sequence[RowMask | None]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """`_candidates` of each index at once: the first in this thread, the others in the pool.
 
@@ -301,7 +297,7 @@ def search_indexes(
     xq: np.ndarray,
     k: int,
     options: ResultOptions,
-    masks: Sequence[np.ndarray | None] | None = None,
+    masks: Sequence[RowMask | np.ndarray | None] | None = None,
 ) -> list[list[tuple[int, float, int]]]:
     """Search several indexes built with one model as one corpus: for each row of `xq`, the `k`
     best (index position, score, row id) under `options`. Each index gives its `fetch_k` best
@@ -309,12 +305,12 @@ def search_indexes(
     import numpy as np
 
     options.check()
-    masks = masks or [None] * len(indexes)
+    rows = [None if m is None else as_rows(m) for m in masks] if masks else [None] * len(indexes)
     if len(indexes) == 1:  # already in the order the options chose: MMR's order is not by score
-        results = search_index(indexes[0], xq, k, options, masks[0])
+        results = search_index(indexes[0], xq, k, options, rows[0])
         return [[(0, float(s), int(i)) for s, i in zip(scores, ids)] for scores, ids in results]
     xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
-    per_index = _in_parallel(indexes, xq, options.candidates(k), masks)  # each index's candidates,
+    per_index = _in_parallel(indexes, xq, options.candidates(k), rows)  # each index's candidates,
     D = np.concatenate([d for d, _ in per_index], axis=1)  # side by side; -1 ids pad
     I = np.concatenate([i for _, i in per_index], axis=1)
     N = np.concatenate([np.full(i.shape, n) for n, (_, i) in enumerate(per_index)], axis=1)

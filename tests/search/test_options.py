@@ -74,6 +74,20 @@ def test_where_prefilters_and_still_returns_k(indexes, queries, kind):
             assert set(ids.tolist()) == set(allowed[np.argsort(-(xb[allowed] @ q))[:10]].tolist())
 
 
+def test_a_row_mask_selects_as_its_bools_do_and_must_fit_the_index(indexes, queries):
+    from retriever.errors import RetrieverError
+    from retriever.search.filters import where_rows
+
+    index = indexes["hnsw"]
+    rows = where_rows(index.texts, 'colour = "red" or len < 25')
+    as_bools = search_index(index, queries, 10, ResultOptions(), mask=rows.matches())
+    assert [ids.tolist() for _, ids in search_index(index, queries, 10, ResultOptions(), mask=rows)] == [
+        ids.tolist() for _, ids in as_bools
+    ]
+    with pytest.raises(RetrieverError, match="cannot select"):
+        search_index(index, queries, 10, ResultOptions(), mask=rows.matches()[:-1])
+
+
 def test_where_with_fewer_matches_than_k(indexes, queries):
     index = indexes["flat"]
     mask = where_mask(index.texts, 'text = "a large red star on the left"')
@@ -204,14 +218,13 @@ def test_id_selector_path_returns_k_matching_rows(indexes, queries, kind, monkey
     assert np.mean(found) >= 0.9
 
 
-def test_a_reused_mask_is_packed_once_and_a_new_one_afresh():
-    from retriever.search.options import _packed
+def test_a_reused_bool_mask_is_packed_once_and_a_new_one_afresh():
+    from retriever.search.options import as_rows
 
     a = np.zeros(1000, dtype=bool)
     a[[1, 9, 999]] = True
-    bits, kept = _packed(a)
-    assert _packed(a)[0] is bits and kept == 3
-    assert np.flatnonzero(np.unpackbits(bits, bitorder="little")[:1000]).tolist() == [1, 9, 999]
+    rows = as_rows(a)
+    assert as_rows(a) is rows and rows.count == 3 and rows.rows().tolist() == [1, 9, 999]
     b = a.copy()
     b[5] = True
-    assert np.flatnonzero(np.unpackbits(_packed(b)[0], bitorder="little")[:1000]).tolist() == [1, 5, 9, 999]
+    assert as_rows(b).rows().tolist() == [1, 5, 9, 999]

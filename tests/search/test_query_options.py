@@ -53,8 +53,8 @@ def test_a_where_mask_is_computed_once_per_expression(toy_index, red_star, monke
 
     fresh = Retriever.open(toy_index, device="cpu")
     calls = []
-    real = filters.where_mask
-    monkeypatch.setattr(filters, "where_mask", lambda *a: calls.append(a[1]) or real(*a))
+    real = filters.where_rows
+    monkeypatch.setattr(filters, "where_rows", lambda *a: calls.append(a[1]) or real(*a))
     first = fresh.query(red_star, k=3, where='colour = "blue"')
     again = fresh.query(red_star, k=3, where='colour = "blue"')
     other = fresh.query(red_star, k=3, where='colour = "green"')
@@ -62,7 +62,7 @@ def test_a_where_mask_is_computed_once_per_expression(toy_index, red_star, monke
     assert [h.text for h in first] == [h.text for h in again] and all(h.metadata["colour"] == "blue" for h in again)
     assert all(h.metadata["colour"] == "green" for h in other)
     with pytest.raises(ValueError):  # a cached mask cannot be changed by a caller
-        next(iter(fresh._masks.values()))[0] = True
+        next(iter(fresh._masks.values())).words[0] = 0
 
 
 def test_minus_pushes_away_and_plus_pushes_towards(retriever, red_star):
