@@ -10,9 +10,9 @@ For each index type it prints the p50 and p95 of `search_index` with:
 - plain options (the baseline);
 - `diversity=0.5, fetch_k=1000` (exact re-ranking plus MMR over 1,000 candidates), and with the
   default fetch_k (100 for k=10);
-- `--where "bucket = 3"`, its row mask computed per query (the column already read as numbers,
-  as after an index's first filter on it), and reused (as a Retriever does for the same
-  expression: a server, or `query` over a folder);
+- `--where "bucket = 3"`, its rows computed per query (the column already prepared, as after an
+  index's first filter on it: read as numbers, in int8), and reused (as a Retriever does for the
+  same expression: a server, or `query` over a folder);
 - two indexes (this one and a second built from the same model) searched and merged, against
   the slower of the two alone; again with each option run back to back over blocks of queries
   (a busy server, whose cores are awake).
@@ -38,7 +38,7 @@ from retriever.index.store import read_index
 from retriever.models import toyworld
 from retriever.models.encoder import Encoder
 from retriever.models.loading import load_model
-from retriever.search.filters import where_mask
+from retriever.search.filters import where_rows
 from retriever.search.options import ResultOptions, search_index, search_indexes
 
 
@@ -199,16 +199,16 @@ def main() -> None:
         diverse = ResultOptions(diversity=0.5, fetch_k=1000)
         diverse_default = ResultOptions(diversity=0.5)  # fetch-k max(10 k, 100): 100
         start = time.perf_counter()
-        reused_mask = where_mask(index.texts, "bucket = 3")
+        reused_mask = where_rows(index.texts, "bucket = 3")
         print(
-            f"{kind:6} the first mask, which reads the text column `bucket` as numbers: {(time.perf_counter() - start) * 1000:.0f} ms"
+            f"{kind:6} the first filter, which prepares the text column `bucket` as numbers: {(time.perf_counter() - start) * 1000:.0f} ms"
         )
         calls = {
             "plain": lambda q: search_index(index, q, 10, plain),  # noqa: B023 (timed inside this iteration)
             "other": lambda q: search_index(other, q, 10, plain),  # noqa: B023
             "diverse": lambda q: search_index(index, q, 10, diverse),  # noqa: B023
             "diverse default": lambda q: search_index(index, q, 10, diverse_default),  # noqa: B023
-            "filtered": lambda q: search_index(index, q, 10, plain, mask=where_mask(index.texts, "bucket = 3")),  # noqa: B023
+            "filtered": lambda q: search_index(index, q, 10, plain, mask=where_rows(index.texts, "bucket = 3")),  # noqa: B023
             "reused": lambda q: search_index(index, q, 10, plain, mask=reused_mask),  # noqa: B023
             "both": lambda q: search_indexes(opened, q, 10, plain),  # noqa: B023
         }
