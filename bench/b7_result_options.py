@@ -11,8 +11,10 @@ For each index type it prints the p50 and p95 of `search_index` with:
 - `diversity=0.5, fetch_k=1000` (exact re-ranking plus MMR over 1,000 candidates), and with the
   default fetch_k (100 for k=10);
 - `--where "bucket = 3"`, its rows computed per query (the column already prepared, as after an
-  index's first filter on it: read as numbers, in int8), and reused (as a Retriever does for the
-  same expression: a server, or `query` over a folder);
+  index's first filter on it: read as numbers, in int8, with a bitmap per value asked for), and
+  reused (as a Retriever does for the same expression: a server, or `query` over a folder);
+- `--where "len < N"` keeping about 10% of rows, computed per query: a range, which reads the
+  whole column each time;
 - two indexes (this one and a second built from the same model) searched and merged, against
   the slower of the two alone; again with each option run back to back over blocks of queries
   (a busy server, whose cores are awake).
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 from common import flavors, machine, synthetic_captions
 
 from retriever.index.build import build_index
@@ -200,6 +203,9 @@ def main() -> None:
         diverse_default = ResultOptions(diversity=0.5)  # fetch-k max(10 k, 100): 100
         start = time.perf_counter()
         reused_mask = where_rows(index.texts, "bucket = 3")
+        lengths = np.asarray(pc.utf8_length(index.texts["text"]))
+        shortest = f"len < {int(np.quantile(lengths, 0.1)) + 1}"  # about 10% of rows: a range, not a value
+        share = float(np.mean(where_rows(index.texts, shortest).matches()))
         print(
             f"{kind:6} the first filter, which prepares the text column `bucket` as numbers: {(time.perf_counter() - start) * 1000:.0f} ms"
         )
@@ -210,6 +216,7 @@ def main() -> None:
             "diverse default": lambda q: search_index(index, q, 10, diverse_default),  # noqa: B023
             "filtered": lambda q: search_index(index, q, 10, plain, mask=where_rows(index.texts, "bucket = 3")),  # noqa: B023
             "reused": lambda q: search_index(index, q, 10, plain, mask=reused_mask),  # noqa: B023
+            "range": lambda q: search_index(index, q, 10, plain, mask=where_rows(index.texts, shortest)),  # noqa: B023
             "both": lambda q: search_indexes(opened, q, 10, plain),  # noqa: B023
         }
         times = interleaved(calls, xq)
@@ -220,6 +227,7 @@ def main() -> None:
             ("diversity 0.5 (fetch-k 100)", times["diverse default"], 10),
             ('where "bucket = 3" (10%)', times["filtered"], len(calls["filtered"](xq[:1])[0][1])),
             ("  the same, mask reused", times["reused"], len(calls["reused"](xq[:1])[0][1])),
+            (f'where "{shortest}" ({share:.0%})', times["range"], len(calls["range"](xq[:1])[0][1])),
             ("two indexes", times["both"], 10),
         ]
         streamed = in_blocks({name: calls[name] for name in ("plain", "other", "both")}, xq)

@@ -1,14 +1,16 @@
-"""A few values derived from large objects (a mask's bitmap, a column read as numbers), kept by
-the identity of the object they came from, for the last few objects.
+"""A few values derived from large objects (a column prepared for filtering, a value's rows, a
+mask packed as a bitmap), kept by the identity of the object they came from, for the last few.
 
 Masks and tables are not hashable by content, and hashing a million rows would cost what the
-cache saves. An entry holds its object, so the object's id cannot be reused while it is cached.
-Safe to share between a server's threads.
+cache saves. An entry holds a weak reference to its object, so the cache keeps no index's table
+alive, and an entry whose object died never answers for a new object given the same id. Safe to
+share between a server's threads.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -18,18 +20,23 @@ class DerivedValues:
 
     def __init__(self, size: int = 8):
         self.size = size
-        self._entries: dict[tuple[int, Hashable], tuple[Any, Any]] = {}
+        self._entries: dict[tuple[int, Hashable], tuple[Callable[[], Any], Any]] = {}
         self._lock = threading.Lock()
 
     def get(self, obj: Any, make: Callable[[], Any], key: Hashable = None) -> Any:
         slot = (id(obj), key)
         with self._lock:
             hit = self._entries.get(slot)
-        if hit is not None and hit[0] is obj:
+        if hit is not None and hit[0]() is obj:
             return hit[1]
         value = make()  # outside the lock: two threads may both compute it, never wait on it
+        try:
+            ref: Callable[[], Any] = weakref.ref(obj)
+        except TypeError:  # lists and the like: held, so their id cannot be reused while cached
+            ref = lambda: obj  # noqa: E731
         with self._lock:
-            self._entries[slot] = (obj, value)
+            self._entries.pop(slot, None)  # re-inserted last: the oldest entry is evicted first
+            self._entries[slot] = (ref, value)
             while len(self._entries) > self.size:
                 del self._entries[next(iter(self._entries))]
         return value

@@ -231,10 +231,21 @@ def _as_numbers(table: pa.Table, name: str, column: Any) -> Any:
     return _PREPARED.get(table, parse, key=("parsed", name))
 
 
+# Equality (=, != and in) on a column of text with few distinct values, or of integers with at
+# most FEW_VALUES, is answered from a bitmap per value, made the first time that value is asked
+# for and kept (a bitmap index, as databases keep for such columns): a new `source = "coco"` or
+# `bucket = 3` then reads no column at all. Measured on B7's 1M rows, reading the int8 column
+# and packing its bitmap costs 0.13 ms alone, and as much again in the search that follows, whose
+# graph it pushes out of the CPU caches. The last 64 bitmaps are kept (n / 8 bytes each).
+FEW_VALUES = 256
+_VALUE_ROWS = DerivedValues(size=64)
+
+
 @dataclass(frozen=True)
 class _Numbers:
     values: np.ndarray  # the narrowest integer type holding them, or float; 0 where missing
     valid: RowMask | None  # None: no value is missing
+    few_values: bool  # integers with at most FEW_VALUES distinct values
 
 
 def _numbers(table: pa.Table, name: str, column: Any) -> _Numbers:
@@ -246,13 +257,16 @@ def _numbers(table: pa.Table, name: str, column: Any) -> _Numbers:
         numbers = _as_numbers(table, name, column) if _is_text(column.type) else column
         valid = None if numbers.null_count == 0 else _arrow_rows(pc.is_valid(numbers))
         values = np.asarray(pc.fill_null(numbers, 0).to_numpy())
+        few_values = False
         if values.dtype.kind in "iu" and len(values):
-            low, high = values.min(), values.max()
+            low, high = int(values.min()), int(values.max())
             for kind in (np.int8, np.int16, np.int32):
                 if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max:
                     values = values.astype(kind)
                     break
-        return _Numbers(values, valid)
+            if high - low < 65_536:
+                few_values = bool(np.count_nonzero(np.bincount(values - np.int64(low))) <= FEW_VALUES)
+        return _Numbers(values, valid, few_values)
 
     return _PREPARED.get(table, prepare, key=("numbers", name))
 
@@ -342,18 +356,28 @@ def _evaluate(node: tuple, table: pa.Table) -> RowMask:
     values = [v for v in literals if v is not None]  # null in a list matches nothing
     if kind != "contains" and values and all(_is_number(v) for v in values):
         if _is_numeric(column.type) or _is_text(column.type):
-            return _compare_numbers(_numbers(table, node[1], column), kind, values, node)
+            return _compare_numbers(table, _numbers(table, node[1], column), kind, values, node)
     if _is_text(column.type) and kind in ("==", "!=", "in", "contains") and values:
         if all(isinstance(v, str) for v in values):
             codes = _codes(table, node[1], column)
             if codes is not None:
-                return _compare_codes(codes, kind, values)
+                return _compare_codes(table, node[1], codes, kind, values)
     return _arrow_rows(_compare_arrow(column, kind, node))
 
 
-def _compare_numbers(numbers: _Numbers, kind: str, values: list, node: tuple) -> RowMask:
+def _compare_numbers(table: pa.Table, numbers: _Numbers, kind: str, values: list, node: tuple) -> RowMask:
     import numpy as np
 
+    if numbers.few_values and kind in ("==", "!=", "in"):
+
+        def equal(value: Any) -> RowMask:
+            def make() -> RowMask:
+                rows = RowMask.from_bools(numbers.values == value)
+                return rows if numbers.valid is None else rows & numbers.valid
+
+            return _VALUE_ROWS.get(table, make, key=("number", node[1], value))
+
+        return _equality(kind, [equal(v) for v in values], numbers.valid, len(numbers.values))
     try:
         if kind == "in":
             matched = np.isin(numbers.values, np.array(values))
@@ -365,23 +389,33 @@ def _compare_numbers(numbers: _Numbers, kind: str, values: list, node: tuple) ->
     return rows if numbers.valid is None else rows & numbers.valid
 
 
-def _compare_codes(codes: _Codes, kind: str, values: list[str]) -> RowMask:
+def _compare_codes(table: pa.Table, name: str, codes: _Codes, kind: str, values: list[str]) -> RowMask:
     import numpy as np
     import pyarrow.compute as pc
 
     if kind == "contains":
         in_dictionary = _arrow_rows(pc.match_substring(codes.dictionary, values[0])).matches()
         return RowMask.from_bools(np.append(in_dictionary, False)[codes.codes])  # code -1 (missing) takes the last
-    positions = [codes.values[v] for v in values if v in codes.values]
-    if kind == "!=":
-        present = codes.codes >= 0
-        return RowMask.from_bools(np.logical_and(codes.codes != positions[0], present) if positions else present)
-    if not positions:
-        return RowMask.all(len(codes.codes), False)
-    matched = codes.codes == positions[0]
-    for position in positions[1:]:
-        matched |= codes.codes == position
-    return RowMask.from_bools(matched)
+
+    def rows_where(position: int) -> RowMask:  # -1: the rows with a value
+        def make() -> RowMask:
+            return RowMask.from_bools(codes.codes >= 0 if position < 0 else codes.codes == position)
+
+        return _VALUE_ROWS.get(table, make, key=("code", name, position))
+
+    equal = [rows_where(codes.values[v]) for v in values if v in codes.values]
+    return _equality(kind, equal, rows_where(-1), len(codes.codes))
+
+
+def _equality(kind: str, equal: list[RowMask], present: RowMask | None, size: int) -> RowMask:
+    """`==` / `in`: the rows in any of `equal`; `!=`: those with a value (`present`, None: all)
+    in none of them."""
+    matched = equal[0] if equal else RowMask.all(size, False)
+    for rows in equal[1:]:
+        matched = matched | rows
+    if kind != "!=":
+        return matched
+    return ~matched if present is None else present & ~matched
 
 
 def _compare_arrow(column: Any, kind: str, node: tuple) -> Any:

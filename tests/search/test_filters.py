@@ -25,6 +25,7 @@ def table():
             "weight": [f" {v:.3g} " if v < 0.9 else "+1e1" for v in rng.random(n) * 2],
             "title": [f"title {i} {'cat' if i % 7 == 0 else 'dog'}" for i in range(n)],  # all distinct
             "stars": [None if i % 9 == 0 else int(v) for i, v in enumerate(rng.integers(-300, 300, n))],
+            "rating": [None if i % 11 == 0 else int(v) for i, v in enumerate(rng.integers(1, 6, n))],
         }
     )
 
@@ -63,7 +64,15 @@ CASES = [
     ("stars in (-1, 1, 299.0, 1e9)", lambda r: r["stars"] in (-1, 1, 299)),
     ("not (stars > 0)", lambda r: not (r["stars"] is not None and r["stars"] > 0)),
     ("n > 100000000000", lambda r: False),
+    # few distinct integers: a bitmap per value
+    ("rating = 3", lambda r: r["rating"] == 3),
+    ("rating != 3", lambda r: r["rating"] is not None and r["rating"] != 3),
+    ("rating in (1, 5, 9)", lambda r: r["rating"] in (1, 5)),
+    ("not (rating = 2) and rating = 2.5", lambda r: False),
+    ("not (rating = 2)", lambda r: r["rating"] != 2),
+    ("rating > 3 or rating = 1", lambda r: r["rating"] is not None and (r["rating"] > 3 or r["rating"] == 1)),
     ('source in ("coco", "nope")', lambda r: r["source"] == "coco"),
+    ('source != "coco" and lang in ("xx", "yy")', lambda r: False),
     ('lang != "fr"', lambda r: r["lang"] is not None),
     ('not (lang = "en")', lambda r: r["lang"] != "en"),  # `not` of a missing value matches
     ('lang contains "e"', lambda r: r["lang"] is not None and "e" in r["lang"]),
@@ -131,3 +140,13 @@ def test_columns_are_prepared_once_in_their_narrowest_form(table):
     codes = _codes(table, "source", table["source"])
     assert _codes(table, "source", table["source"]) is codes and sorted(codes.values) == ["coco", "own", "sd"]
     assert _codes(table, "title", table["title"]) is None  # every title differs: Arrow compares them
+    assert _numbers(table, "rating", table["rating"]).few_values and not stars.few_values
+
+
+def test_equality_on_few_values_reuses_one_bitmap_per_value(table):
+    from retriever.search.filters import where_rows
+
+    assert where_rows(table, "rating = 4") is where_rows(table, "rating = 4")  # no pass over the rows
+    assert where_rows(table, 'lang = "zh"') is where_rows(table, 'lang = "zh"')
+    both = where_rows(table, 'rating = 4 or lang = "zh"')
+    assert both.count == sum(r["rating"] == 4 or r["lang"] == "zh" for r in rows(table))
