@@ -11,17 +11,16 @@ as numbers (TSV and CSV metadata is text, and as text "10" < "9"); its values th
 numbers are missing there.
 
 Hand-written rather than a parser library: the grammar is a dozen lines, it must never evaluate
-Python, and each node compiles to one vectorised pass over a whole column. The result is a
-boolean mask, which the search turns into a FAISS id selector (pre-filtering, so a selective
+Python, and each node compiles to one vectorised pass over a whole column (or none). The result
+is a RowMask, which the search turns into a FAISS id selector (pre-filtering, so a selective
 filter still returns k).
 
-A filter's columns are prepared once per index and column, then each filter over them is a
-numpy comparison: numbers as numpy arrays of the narrowest integer type that holds them, and
-text columns with few distinct values (source, lang) as dictionary codes. Measured on a million
-rows (B7's `bucket`): `bucket = 3` costs 0.04 ms on int8 codes, against 0.33-0.54 ms for Arrow's
-comparison kernels on int8-int64, which write a bitmap; a fresh mask is then cheap next to an
-HNSW search (0.4 ms). Other comparisons (text order, bools, `contains` on many distinct texts)
-use pyarrow.compute.
+A filter's columns are prepared once per index and column, then each comparison over them is a
+numpy pass: numbers as numpy arrays of the narrowest integer type that holds them, and text
+columns with few distinct values (source, lang) as dictionary codes. Measured on a million rows
+(B7's `bucket`): `bucket < 3` costs 0.04 ms on int8, against 0.33-0.54 ms for Arrow's comparison
+kernels on int8-int64. Equality on such columns keeps a bitmap per value (see FEW_VALUES). Other
+comparisons (text order, bools, `contains` on many distinct texts) use pyarrow.compute.
 """
 
 from __future__ import annotations
