@@ -25,6 +25,7 @@ comparisons (text order, bools, `contains` on many distinct texts) use pyarrow.c
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -189,8 +190,15 @@ class _Parser:
 
 def parse_where(text: str) -> tuple:
     """The syntax tree of a --where expression (nested tuples); raises FilterError with a position."""
-    if not text or not text.strip():
+    if not isinstance(text, str):
+        raise FilterError(f"--where must be text, got {type(text).__name__}")
+    if not text.strip():
         raise FilterError("--where is empty")
+    return _parse(text)
+
+
+@functools.lru_cache(maxsize=256)  # a server or page repeats its filters; the tree is immutable
+def _parse(text: str) -> tuple:
     return _Parser(text).parse()
 
 

@@ -109,6 +109,11 @@ def test_errors_say_where(table, expression, message):
         where_mask(table, expression)
 
 
+def test_a_filter_that_is_not_text_is_refused(table):
+    with pytest.raises(FilterError, match="must be text, got list"):
+        where_mask(table, ["source = 'coco'"])
+
+
 def test_tree_shape_and_precedence():
     assert parse_where("a = 1 or b = 2 and not c = 3") == (
         "or",
