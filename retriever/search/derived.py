@@ -16,7 +16,8 @@ from typing import Any
 
 
 class DerivedValues:
-    """`get(obj, make, key)`: `make()` for `obj` (and `key`), computed once while it is cached."""
+    """`get(obj, make, key)`: `make()` for `obj` (and `key`), computed once while it is cached;
+    the least recently used entries are dropped first."""
 
     def __init__(self, size: int = 8):
         self.size = size
@@ -26,16 +27,17 @@ class DerivedValues:
     def get(self, obj: Any, make: Callable[[], Any], key: Hashable = None) -> Any:
         slot = (id(obj), key)
         with self._lock:
-            hit = self._entries.get(slot)
-        if hit is not None and hit[0]() is obj:
-            return hit[1]
+            hit = self._entries.pop(slot, None)
+            if hit is not None and hit[0]() is obj:
+                self._entries[slot] = hit  # last again: the least recently used go first
+                return hit[1]
         value = make()  # outside the lock: two threads may both compute it, never wait on it
         try:
             ref: Callable[[], Any] = weakref.ref(obj)
         except TypeError:  # lists and the like: held, so their id cannot be reused while cached
             ref = lambda: obj  # noqa: E731
         with self._lock:
-            self._entries.pop(slot, None)  # re-inserted last: the oldest entry is evicted first
+            self._entries.pop(slot, None)  # another thread's, computed meanwhile
             self._entries[slot] = (ref, value)
             while len(self._entries) > self.size:
                 del self._entries[next(iter(self._entries))]

@@ -242,8 +242,9 @@ def _as_numbers(table: pa.Table, name: str, column: Any) -> Any:
 # most FEW_VALUES, is answered from a bitmap per value, made the first time that value is asked
 # for and kept (a bitmap index, as databases keep for such columns): a new `source = "coco"` or
 # `bucket = 3` then reads no column at all. Measured on B7's 1M rows, reading the int8 column
-# and packing its bitmap costs 0.13 ms alone, and as much again in the search that follows, whose
-# graph it pushes out of the CPU caches. The last 64 bitmaps are kept (n / 8 bytes each).
+# and packing its bitmap costs 0.13 ms alone and made the HNSW search that follows about 0.2 ms
+# slower than with a kept bitmap (docs/performance.md). The 64 most recently used are kept (n / 8
+# bytes each).
 FEW_VALUES = 256
 _VALUE_ROWS = DerivedValues(size=64)
 

@@ -29,11 +29,13 @@ def test_the_cache_keeps_no_table_alive_and_a_new_one_is_computed_afresh():
         assert cache.get(pa.table({"x": [4]}), lambda: "new") == "new"
 
 
-def test_the_oldest_entries_go_first():
+def test_the_least_recently_used_entries_go_first():
     cache = DerivedValues(size=2)
     objects = [np.zeros(1) for _ in range(3)]
-    for n, obj in enumerate(objects):
-        cache.get(obj, lambda n=n: n)
-    assert cache.get(objects[0], lambda: "again") == "again"  # evicted
-    assert cache.get(objects[2], lambda: "again") == 2
+    cache.get(objects[0], lambda: 0)
+    cache.get(objects[1], lambda: 1)
+    assert cache.get(objects[0], lambda: "again") == 0  # used again: now the most recent
+    cache.get(objects[2], lambda: 2)  # evicts objects[1]
+    assert cache.get(objects[0], lambda: "again") == 0
+    assert cache.get(objects[1], lambda: "again") == "again"
     assert cache.get([1, 2], lambda: "list") == "list"  # not weakly referenceable: held instead
