@@ -36,10 +36,7 @@ class RowMask:
         import numpy as np
 
         matches = np.asarray(matches, dtype=bool)
-        words = np.zeros(-(-len(matches) // 64), dtype=np.uint64)
-        packed = np.packbits(matches, bitorder="little")
-        words.view(np.uint8)[: len(packed)] = packed
-        return cls(words, len(matches))
+        return cls.from_bitmap(np.packbits(matches, bitorder="little"), len(matches))
 
     @classmethod
     def from_bitmap(cls, bitmap: Any, size: int) -> RowMask:
