@@ -130,6 +130,12 @@ class Retriever:
 
             Captioner(loaded_gen)  # fail now, not at the first query, if it cannot write
         paths = [] if index is None else [index] if isinstance(index, (str, Path)) else list(index)
+        given: dict[Path, str | Path] = {}
+        for path in paths:  # searched twice, every hit would come back twice
+            earlier = given.setdefault(Path(path).resolve(), path)
+            if earlier is not path:
+                twice = "given twice" if str(earlier) == str(path) else f"the same index as {earlier}"
+                raise RetrieverError(f"{path}: {twice}; give each index once")
         if not paths:
             if style:
                 from retriever.generate.style import load_generator

@@ -129,6 +129,9 @@ def evaluate(
         raise RetrieverError("eval needs an index: pass --index")
     if k < 1:
         raise RetrieverError(f"k must be at least 1, got {k}")
+    settings = [{}] if sweep is None else [{sweep[0]: value} for value in sweep[1]]
+    for setting in settings:  # before the images are encoded, not after
+        _check_query_options({**(query_options or {}), **setting})
     say = on_progress or (lambda message: None)
     by_image = pairs.unique_images()
     images = list(by_image)
@@ -155,7 +158,6 @@ def evaluate(
     t2i = recall_metrics(best_positive_rank(xt @ xq.T, positive), "text_to_image")
     retrieval.update({key: value for key, value in t2i.items() if "recall" in key})
 
-    settings = [{}] if sweep is None else [{sweep[0]: value} for value in sweep[1]]
     rows = []
     for setting in settings:
         say(f"results with {setting or 'default options'}")
@@ -166,6 +168,26 @@ def evaluate(
             {"options": shown, **_result_metrics(retriever, pil, xq, images, by_image, row_k, options, batch_size)}
         )
     return EvalResult(str(pairs.path), str(retriever.index.path), len(images), len(captions), retrieval, rows)
+
+
+def _check_query_options(options: dict[str, Any]) -> None:
+    """Raise RetrieverError naming an option `Retriever.query_many` does not take, or a result
+    option (diversity, fetch_k, dedupe, where, k) of the wrong kind or range."""
+    import inspect
+    import numbers
+
+    from retriever.search.api import Retriever
+    from retriever.search.options import ResultOptions
+
+    accepted = set(inspect.signature(Retriever.query_many).parameters) - {"self", "images", "batch_size"}
+    for name in options:
+        if name not in accepted:
+            raise RetrieverError(f"unknown query option {name!r}; options: {', '.join(sorted(accepted))}")
+    k = options.get("k", 1)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise RetrieverError(f"k must be a whole number of at least 1, got {k!r}")
+    fields = ("diversity", "fetch_k", "dedupe", "where")
+    ResultOptions(**{name: options[name] for name in fields if name in options}).check()
 
 
 def _result_metrics(
@@ -183,8 +205,8 @@ def _result_metrics(
 
     try:
         results = retriever.query_many(pil, k=k, batch_size=batch_size, **options)
-    except TypeError as e:  # an option query_many does not take
-        raise RetrieverError(f"unknown query option in {sorted(options)}: {e}") from None
+    except TypeError as e:  # a value of the wrong kind for an option not checked above (mode, ...)
+        raise RetrieverError(f"query options {options}: {e}") from None
     encoder = retriever._require_encoder()
     ils, relevance, top1 = [], [], []
     distinct: dict[str, list[int]] = {}

@@ -17,6 +17,7 @@ they act as one corpus.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,17 @@ class ResultOptions:
     where: str | None = None
 
     def check(self) -> None:
+        for name, value, kind in (
+            ("diversity", self.diversity, numbers.Real),
+            ("fetch_k", self.fetch_k, numbers.Integral),
+            ("dedupe", self.dedupe, numbers.Real),
+        ):
+            optional = name != "diversity"
+            if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, kind)):
+                what = "a whole number" if kind is numbers.Integral else "a number"
+                raise RetrieverError(f"{name} must be {what}, got {value!r}")
+        if self.where is not None and not isinstance(self.where, str):
+            raise RetrieverError(f"where must be a filter expression (text), got {self.where!r}")
         if not 0.0 <= self.diversity <= 1.0 or self.diversity != self.diversity:
             raise RetrieverError(f"diversity must be between 0 and 1, got {self.diversity}")
         if self.fetch_k is not None and not 1 <= self.fetch_k <= 100_000:

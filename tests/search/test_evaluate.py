@@ -101,3 +101,18 @@ def test_eval_unknown_option_is_one_line(unique_pairs, run):
     result = run("eval", unique_pairs / "pairs.tsv", "--index", unique_pairs / "idx", "--sweep", "colourfulness=1")
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown query option")
+
+
+@pytest.mark.parametrize(
+    ("sweep", "says"),
+    [
+        ("diversity=a", "error: diversity must be a number, got 'a'"),
+        ("diversity=0,2", "error: diversity must be between 0 and 1, got 2"),
+        ("fetch_k=0.5", "error: fetch_k must be a whole number, got 0.5"),
+        ("k=0", "error: k must be a whole number of at least 1, got 0"),
+    ],
+)
+def test_eval_checks_swept_values_before_encoding(unique_pairs, run, sweep, says):
+    result = run("eval", unique_pairs / "pairs.tsv", "--index", unique_pairs / "idx", "--sweep", sweep)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [says]  # one line, and no stage had started

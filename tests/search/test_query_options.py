@@ -125,10 +125,19 @@ def test_an_index_of_another_model_is_refused(toy_index, tmp_path):
         Retriever.open([toy_index, other], device="cpu")
 
 
+def test_the_same_index_twice_is_refused(toy_index):
+    again = toy_index.parent / ".." / toy_index.parent.name / toy_index.name  # another spelling
+    with pytest.raises(RetrieverError, match="the same index as"):
+        Retriever.open([toy_index, again], device="cpu")
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"diversity": 2.0}, "diversity"),
+        ({"diversity": "0.5"}, "diversity must be a number, got '0.5'"),
+        ({"fetch_k": 100.0}, "fetch_k must be a whole number"),
+        ({"dedupe": True}, "dedupe must be a number"),
         ({"dedupe": 0.0}, "dedupe"),
         ({"where": "nope = 1"}, "no column"),
         ({"plus": [":0.5"]}, "empty modifier"),
