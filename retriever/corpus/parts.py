@@ -28,6 +28,7 @@ from retriever.corpus.reader import (
     CorpusReport,
     delimited_options,
     delimited_rows,
+    header_names,
     iter_rows,
     jsonl_records,
     jsonl_rows,
@@ -35,7 +36,7 @@ from retriever.corpus.reader import (
     text_key,
     txt_rows,
 )
-from retriever.corpus.values import clean_text, unique_names
+from retriever.corpus.values import clean_text
 from retriever.errors import CorpusError
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def split_corpus(path: str | Path, column: str | None, parts: int) -> Layout | N
         import csv
 
         names = next(csv.reader([first], **delimited_options(path)), [])
-        header = unique_names([h.lstrip("\ufeff").strip() for h in names])
+        header = header_names(names, path)
     bounds = _line_bounds(path, start, parts)
     cut = [Part(i, a, b) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
     return Layout(str(path), text_column, header, 1 if header is not None else 0, cut)
@@ -271,7 +272,7 @@ class Deduper:
         r = self.report
         if not r.kept:
             raise CorpusError(
-                f"{self.layout.path}: no usable text ({r.rows} rows, {r.empty} empty, {len(r.bad_rows)} bad)"
+                f"{self.layout.path}: no usable text ({r.rows + len(r.bad_rows)} rows: {r.empty} empty, {len(r.bad_rows)} bad)"
             )
 
 

@@ -157,7 +157,7 @@ def iter_corpus(
         yield text, meta
     if not report.kept:
         raise CorpusError(
-            f"{path}: no usable text ({report.rows} rows, {report.empty} empty, {len(report.bad_rows)} bad)"
+            f"{path}: no usable text ({report.rows + len(report.bad_rows)} rows: {report.empty} empty, {len(report.bad_rows)} bad)"
         )
 
 
@@ -259,6 +259,14 @@ def count_rows(path: str | Path) -> int | None:
     return lines
 
 
+def header_names(fields: list[str], path: Path) -> list[str]:
+    """A .tsv/.csv header line's column names: trimmed, without a byte-order mark, made unique.
+    Raises CorpusError when the line is not UTF-8 (a binary file, or another encoding)."""
+    if any(has_surrogates(f) for f in fields):
+        raise CorpusError(f"{path}:1: the header line is not UTF-8 text; save the corpus as UTF-8 with a header line")
+    return unique_names([f.lstrip("\ufeff").strip() for f in fields])
+
+
 def pick_text_column(columns: list[str], column: str | None, path: Path) -> str:
     """The requested column, or the first of TEXT_COLUMNS present (case-insensitive)."""
     if column is not None:
@@ -306,7 +314,7 @@ def _read_delimited(path: Path, column: str | None) -> Iterator[Row | BadRow | s
             raise CorpusError(f"{path}: empty file (a header line is expected)") from None
         except csv.Error as e:
             raise CorpusError(f"{path}:1: {e}") from None
-        header = unique_names([h.lstrip("\ufeff").strip() for h in header])
+        header = header_names(header, path)
         text_column = pick_text_column(header, column, path)
         yield text_column
         yield from delimited_rows(reader, header, text_column, path, reader.line_num)

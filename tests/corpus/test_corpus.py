@@ -108,6 +108,21 @@ def test_no_usable_text_is_an_error(tmp_path, content, suffix):
         read_corpus(path)
 
 
+def test_no_usable_text_counts_every_row(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": 5}\n{"text": null}\n{"text": ["x"]}\n{"other": 1}\n')
+    with pytest.raises(CorpusError, match=r"no usable text \(4 rows: 1 empty, 3 bad\)"):
+        read_corpus(path)
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv"])
+def test_a_header_that_is_not_utf8_is_named(tmp_path, suffix):
+    path = tmp_path / f"c{suffix}"
+    path.write_bytes(b"\x89\xfe\xa0caption\nhello\n")
+    with pytest.raises(CorpusError, match=r"c\.(tsv|csv):1: the header line is not UTF-8 text"):
+        read_corpus(path)
+
+
 def test_unreadable_inputs(tmp_path):
     with pytest.raises(CorpusError, match="no such file"):
         read_corpus(tmp_path / "missing.tsv")
