@@ -89,6 +89,7 @@ def read_pairs(
     captions: list[str] = []
     lines: list[int] = []
     base = path.resolve().parent
+    unreadable = 0  # rows the reader could not parse (not in report.rows)
 
     def bad(row: BadRow) -> None:
         report.bad_rows.append(row)
@@ -99,6 +100,7 @@ def read_pairs(
         if isinstance(item, str):
             continue
         if isinstance(item, BadRow):
+            unreadable += 1
             bad(item)
             continue
         line, caption, meta = item
@@ -129,8 +131,8 @@ def read_pairs(
         lines.append(line)
     report.kept = len(captions)
     if not captions:
-        raise CorpusError(
-            f"{path}: no usable image-caption pairs ({report.rows} rows, {report.missing_images} "
-            f"missing images, {report.empty_captions} empty captions, {len(report.bad_rows)} bad rows)"
-        )
+        total = report.rows + unreadable
+        other = len(report.bad_rows) - report.missing_images - report.empty_captions
+        counts = f"{report.missing_images} missing images, {report.empty_captions} empty captions, {other} other bad"
+        raise CorpusError(f"{path}: no usable image-caption pairs ({total} rows{': ' + counts if total else ''})")
     return Pairs(path, images, captions, lines, report)

@@ -144,8 +144,12 @@ def test_missing_column_and_empty_file_are_clear_errors(tmp_path):
         finetune(bad, tmp_path / "out", "toyworld")
     missing = tmp_path / "missing.tsv"
     missing.write_text("filepath\ttitle\nnope.png\thello\n")
-    with pytest.raises(CorpusError, match="no usable image-caption pairs.*1 missing images"):
+    with pytest.raises(CorpusError, match=r"no usable image-caption pairs \(1 rows: 1 missing images, 0 empty"):
         finetune(missing, tmp_path / "out", "toyworld")
+    mixed = tmp_path / "mixed.tsv"  # a short row the reader cannot parse, an empty caption, a missing image
+    mixed.write_text("filepath\ttitle\textra\nonly-one-field\nnope.png\t\tx\nnope.png\thello\tx\n")
+    with pytest.raises(CorpusError, match=r"\(3 rows: 1 missing images, 1 empty captions, 1 other bad\)"):
+        finetune(mixed, tmp_path / "out", "toyworld")
 
 
 def test_interrupted_run_resumes_to_the_same_weights(data, tmp_path):
