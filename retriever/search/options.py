@@ -48,6 +48,12 @@ CLIP_RETRIEVAL_DEDUPE = 0.94
 DEFAULT_QUERY_DEDUPE = 0.95
 
 
+def _require_kind(name: str, value: Any, kind: type) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind):  # True is an int to Python, not here
+        what = "a whole number" if kind is numbers.Integral else "a number"
+        raise RetrieverError(f"{name} must be {what}, got {value!r}")
+
+
 @dataclass
 class ResultOptions:
     """How a result list is made from an index's nearest neighbours.
@@ -66,17 +72,15 @@ class ResultOptions:
     where: str | None = None
 
     def check(self) -> None:
-        for name, value, kind in (
-            ("diversity", self.diversity, numbers.Real),
-            ("fetch_k", self.fetch_k, numbers.Integral),
-            ("dedupe", self.dedupe, numbers.Real),
-        ):
-            optional = name != "diversity"
-            if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, kind)):
-                what = "a whole number" if kind is numbers.Integral else "a number"
-                raise RetrieverError(f"{name} must be {what}, got {value!r}")
-        if self.where is not None and not isinstance(self.where, str):
-            raise RetrieverError(f"where must be a filter expression (text), got {self.where!r}")
+        from retriever.search.filters import parse_where
+
+        _require_kind("diversity", self.diversity, numbers.Real)
+        if self.fetch_k is not None:
+            _require_kind("fetch_k", self.fetch_k, numbers.Integral)
+        if self.dedupe is not None:
+            _require_kind("dedupe", self.dedupe, numbers.Real)
+        if self.where is not None and self.where != "":  # "" is no filter
+            parse_where(self.where)  # its type and syntax; columns are checked against each index
         if not 0.0 <= self.diversity <= 1.0 or self.diversity != self.diversity:
             raise RetrieverError(f"diversity must be between 0 and 1, got {self.diversity}")
         if self.fetch_k is not None and not 1 <= self.fetch_k <= 100_000:
