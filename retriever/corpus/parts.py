@@ -269,11 +269,8 @@ class Deduper:
 
     def finish(self) -> None:
         """Raise CorpusError if the whole file held no usable text (as a sequential read does)."""
-        r = self.report
-        if not r.kept:
-            raise CorpusError(
-                f"{self.layout.path}: no usable text ({r.rows + len(r.bad_rows)} rows: {r.empty} empty, {len(r.bad_rows)} bad)"
-            )
+        if not self.report.kept:
+            raise self.report.no_usable_text(self.layout.path)
 
 
 Segment = tuple[int, "np.ndarray"]  # (part number, piece rows)

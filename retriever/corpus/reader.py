@@ -72,6 +72,11 @@ class CorpusReport:
     duplicates: int = 0
     bad_rows: list[BadRow] = field(default_factory=list)
 
+    def no_usable_text(self, path: str | Path) -> CorpusError:
+        """The error for a corpus that held no text to index, with what it held instead."""
+        rows = self.rows + len(self.bad_rows)
+        return CorpusError(f"{path}: no usable text ({rows} rows: {self.empty} empty, {len(self.bad_rows)} bad)")
+
     def as_dict(self) -> dict:
         return {
             "column": self.column,
@@ -156,9 +161,7 @@ def iter_corpus(
         report.kept += 1
         yield text, meta
     if not report.kept:
-        raise CorpusError(
-            f"{path}: no usable text ({report.rows + len(report.bad_rows)} rows: {report.empty} empty, {len(report.bad_rows)} bad)"
-        )
+        raise report.no_usable_text(path)
 
 
 def text_key(text: str) -> int:
